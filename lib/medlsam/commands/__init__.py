@@ -1,0 +1,1 @@
+"""One module per `medlsam` subcommand; each defines `add_parser(subparsers)`."""

@@ -1,0 +1,1 @@
+"""Self-supervised MedLAM pretraining (RDR + MSS)."""
