@@ -1,0 +1,36 @@
+# The two user-facing commands: `make serve` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+DATA   ?= sample-datasets
+STUDIES = $(DATA)/studies
+BIN     = $(VENV)/bin
+# 2 shared cores: never let OpenMP threads spin-wait (METHOD section 7).
+export OMP_WAIT_POLICY ?= PASSIVE
+# monailabel's launcher runs `python -m monailabel.main`: the venv must be first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: serve test install sample-data
+
+install: $(VENV)/.installed
+
+# Re-installs only when the pins change; a ready machine skips this in well under a second.
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@touch $@
+
+sample-data: $(DATA)/.ready
+
+$(DATA)/.ready: $(VENV)/.installed
+	$(BIN)/medlsam generate --out $(DATA) --count 12 --supports 5 --preset default --seed 0
+	@touch $@
+
+serve: install sample-data
+	@echo "MedLSAM MONAI Label server: http://$(HOST):$(PORT)/  (info: http://$(HOST):$(PORT)/info/)"
+	$(BIN)/monailabel start_server --app apps/medlsam --studies $(STUDIES) --host $(HOST) --port $(PORT)
+
+test: install sample-data
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,22 @@
+"""The app starts as a real MONAI Label server, answers /info/, and stops cleanly."""
+
+import shutil
+
+import httpx
+import pytest
+
+from server_process import running_server
+
+pytestmark = pytest.mark.server
+
+
+def test_server_starts_answers_info_and_stops(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    with running_server(studies) as url:
+        info = httpx.get(f"{url}/info/", timeout=30).json()
+        assert info["name"] == "MedLSAM"
+        assert "datastore" in info
+    # the port is released after shutdown
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/info/", timeout=2)
