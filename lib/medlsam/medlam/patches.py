@@ -50,6 +50,17 @@ class PatchEmbedder:
         self.batch_size = batch_size
         self.forward_calls = 0
 
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", batch_size: int = 8) -> "PatchEmbedder":
+        """Load MedLAM weights (ours or the official medlam.pth); `fingerprint` identifies them."""
+        from medlsam.medlam.checkpoint import load_medlam, weights_fingerprint
+
+        net, _ = load_medlam(path, device=device)
+        embedder = cls(net, device=device, batch_size=batch_size)
+        embedder.fingerprint = weights_fingerprint(net)
+        embedder.checkpoint = str(path)
+        return embedder
+
     @property
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.net.config.patch_size)
