@@ -1,22 +1,111 @@
-"""MONAI Label app: MedLSAM (MedLAM localization + SAM-family box-prompt segmentation)."""
+"""MONAI Label app: MedLSAM (MedLAM localization + SAM-family box-prompt segmentation).
+
+Tasks: infer `medlam` (boxes), `sam` (interactive box/point prompts), `medlsam` (localize +
+segment); train `medlam` (self-supervised RDR + MSS pretraining on the datastore's images).
+Support templates are built from the studies that have a final label and updated on every save.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
+from fastapi import HTTPException
+from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
+
+from tasks.context import MedLSAMContext
+from tasks.datastore import CheckedLocalDatastore
+from tasks.errors import bad_request, client_errors
+from tasks.infer_medlam import MedLAMInfer
+from tasks.infer_medlsam import MedLSAMInfer
+from tasks.infer_sam import SAMInfer
+from tasks.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
 
 class MedLSAMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.settings = AppSettings.from_conf(conf or {}, app_dir, studies)
+        self.ctx: MedLSAMContext | None = None  # built once the datastore exists (init_infers)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="MedLSAM",
-            description="Localize any organ from a few annotated supports (MedLAM), segment it with SAM-family box prompts",
+            description="Localize any organ from a few annotated supports (MedLAM), segment it with "
+            "SAM-family box prompts",
             version="0.1.0",
         )
+
+    # --- MONAI Label hooks ----------------------------------------------------------------------
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        datastore = CheckedLocalDatastore(
+            self.studies,
+            extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+        return datastore
+
+    def init_infers(self):
+        self.ctx = MedLSAMContext(self.settings, self.datastore())
+        if isinstance(self.datastore(), CheckedLocalDatastore):
+            self.datastore().validate = self.ctx.validate_final_label
+        self.labels = dict(self.ctx.label_ids)
+        return {"medlam": MedLAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "medlsam": MedLSAMInfer(self.ctx)}
+
+    def init_trainers(self):
+        try:
+            from tasks.train_medlam import MedLAMTrain
+        except ImportError as exc:  # training code not installed
+            logger.warning("trainer task unavailable: %s", exc)
+            return {}
+        return {"medlam": MedLAMTrain(self.ctx)}
+
+    def init_strategies(self):
+        return {}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        report = self.ctx.store.sync(self.ctx.support_studies())
+        logger.info("template store: %s", report)
+
+    def on_save_label(self, image_id, label_id):
+        super().on_save_label(image_id, label_id)
+        studies = {s.study_id: s for s in self.ctx.support_studies()}
+        if image_id not in studies:
+            return {}
+        with client_errors("template store"):
+            organs = self.ctx.store.add_support(studies[image_id])
+        return {"templates": organs}
+
+    # --- requests -------------------------------------------------------------------------------
+    def infer(self, request, datastore=None):
+        if request.get("model") not in self._infers:
+            raise bad_request(f"unknown model {request.get('model')!r}; available: {', '.join(self._infers)}", 404)
+        image = request.get("image")
+        if isinstance(image, str) and image:
+            self._check_image_reference(image, datastore or self.datastore())
+        return super().infer(request, datastore)
+
+    def _check_image_reference(self, image: str, datastore) -> None:
+        """Only datastore ids and uploaded files (server temp folder): never other server paths."""
+        if image in datastore.list_images():
+            return
+        real = os.path.realpath(image)
+        if os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):
+            return
+        raise bad_request(f"image {image!r} is not a study of this datastore", 404)
+
+    def info(self):
+        meta = super().info()
+        try:
+            meta["templates"] = self.ctx.store.summary()
+        except (FileNotFoundError, ValueError) as exc:
+            meta["templates"] = {"error": str(exc)}
+        return meta

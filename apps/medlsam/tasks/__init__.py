@@ -1,0 +1,1 @@
+"""MONAI Label tasks of the MedLSAM app (infer: medlam, sam, medlsam; train: medlam)."""

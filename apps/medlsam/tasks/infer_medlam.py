@@ -1,0 +1,42 @@
+"""Infer task `medlam`: organ boxes (localization only) from the support templates."""
+
+from __future__ import annotations
+
+import nibabel as nib
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from medlsam.io import save_nifti
+from medlsam.medlam.box_volume import boxes_to_label_volume
+
+from .context import MedLSAMContext
+from .errors import client_errors
+from .requests import int_param, mode_param, organs_param
+
+
+class MedLAMInfer(InferTask):
+    def __init__(self, ctx: MedLSAMContext):
+        super().__init__(
+            type=InferType.DETECTION,
+            labels=ctx.label_ids,
+            dimension=3,
+            description="MedLAM: 3D box of each organ from a few annotated supports (no prompt needed)",
+            config={"organs": "", "mode": ctx.settings.mode, "seed": 0, "mss": True},
+        )
+        self.ctx = ctx
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request):
+        with client_errors("medlam"):
+            image = self.ctx.load_image(self.ctx.image_path(request))
+            organs = [self.ctx.organ_name(o) for o in organs_param(request.get("organs")) or []] or None
+            mode = mode_param(request.get("mode"), self.ctx.settings.mode)
+            result = self.ctx.localizer(request).localize(
+                image, organs=organs, mode=mode, seed=int_param(request, "seed", 0)
+            )
+        result["label_names"] = {n: e["id"] for n, e in result["organs"].items() if e["present"]}
+        result["absent"] = sorted(n for n, e in result["organs"].items() if not e["present"])
+        out = self.ctx.result_file()
+        save_nifti(nib.Nifti1Image(boxes_to_label_volume(result["organs"], image.shape), image.affine), out)
+        return out, result

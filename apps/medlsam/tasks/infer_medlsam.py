@@ -1,0 +1,42 @@
+"""Infer task `medlsam`: localize the organs, then segment them with box prompts (the headline)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from medlsam.io import save_nifti
+from medlsam.pipeline import run_medlsam
+
+from .context import MedLSAMContext
+from .errors import client_errors
+from .requests import int_param, mode_param, organs_param
+
+
+class MedLSAMInfer(InferTask):
+    def __init__(self, ctx: MedLSAMContext):
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=ctx.label_ids,
+            dimension=3,
+            description="MedLSAM: localize every organ with MedLAM, segment it slice by slice with "
+            f"{ctx.settings.segmenter} box prompts",
+            config={"organs": "", "mode": ctx.settings.mode, "seed": 0},
+        )
+        self.ctx = ctx
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request):
+        with client_errors("medlsam"):
+            image = self.ctx.load_image(self.ctx.image_path(request))
+            organs = [self.ctx.organ_name(o) for o in organs_param(request.get("organs")) or []] or None
+            mode = mode_param(request.get("mode"), self.ctx.settings.mode)
+            localizer = self.ctx.localizer(request)
+            with self.ctx.segment_lock:
+                labels, report = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode,
+                                             seed=int_param(request, "seed", 0))
+        out = self.ctx.result_file()
+        save_nifti(nib.Nifti1Image(labels, image.affine), out)
+        return out, report
