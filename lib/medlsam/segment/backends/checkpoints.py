@@ -27,10 +27,9 @@ def default_model_dir() -> Path:
     env = os.environ.get(MODEL_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[4]
-    if (repo_root / "apps" / "medlsam").is_dir():
-        return repo_root / "apps" / "medlsam" / "model"
-    return Path.cwd() / "apps" / "medlsam" / "model"
+    from medlsam.paths import REPO_ROOT
+
+    return REPO_ROOT / "apps" / "medlsam" / "model"
 
 
 def resolve_checkpoint(backend: str, checkpoint: str | os.PathLike | None,
