@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,6 +226,12 @@ class MedLAMNet(nn.Module):
 
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+
+def patch_start(centre, patch_size) -> np.ndarray:
+    """First voxel of the patch "centred" at voxel `centre`: it covers [c - P // 2, c - P // 2 + P).
+    Training and inference both use this convention; the patch's position is `centre * spacing`."""
+    return np.asarray(centre, dtype=np.int64) - np.asarray(patch_size, dtype=np.int64) // 2
 
 
 def relative_offset_mm(
