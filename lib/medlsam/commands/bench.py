@@ -1,0 +1,214 @@
+"""`medlsam bench`: the embedding cache and the accelerated encoder, measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from medlsam.io import atomic_write_json, load_nifti
+
+DEFAULT_OUT = Path("runs") / "bench" / "segment_bench.json"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark segmentation: embedding cache vs per-organ recompute, eager vs accelerated encoder",
+        description="On a generated study (or --image/--labels), segment every organ from its "
+        "ground-truth box twice: with one encoder pass per slice (cache) and with one pass per "
+        "organ per slice (the reference's way); then time the encoder per slice in eager fp32 and "
+        "with ONNX Runtime and compare their masks. Prints a table and writes JSON.",
+    )
+    p.add_argument("--image", type=Path, default=None, help="CT NIfTI (default: generate a study)")
+    p.add_argument("--labels", type=Path, default=None, help="label NIfTI matching --image (ground-truth boxes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated study")
+    p.add_argument("--model", default="litemedsam", help="segmentation backend (default litemedsam)")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--z-step", type=int, default=1,
+                   help="segment every Nth covered slice in both cache modes (same slices; 1 = all)")
+    p.add_argument("--speed-slices", type=int, default=8, help="slices for the eager vs accelerated comparison")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
+    p.set_defaults(func=run)
+
+
+def _load_study(args):
+    """(image, labels, {name: id}) from files or a freshly generated default study."""
+    if args.image or args.labels:
+        if not (args.image and args.labels):
+            raise ValueError("--image and --labels go together")
+        image, labels = load_nifti(args.image), load_nifti(args.labels, what="labels")
+        if image.shape != labels.shape:
+            raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+        ids = np.unique(np.asarray(labels.dataobj)).astype(int)
+        return image, labels, {f"label_{i}": int(i) for i in ids if i > 0}, str(args.image)
+    from medlsam.synthetic import LABEL_MAP, generate_study
+
+    study = generate_study(seed=args.seed)
+    return study.image, study.labels, dict(LABEL_MAP), f"generated study (seed {args.seed})"
+
+
+def _max_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
+
+
+def _phase(fn):
+    """Run fn() under tracemalloc; returns (result, seconds, python peak MB, process max RSS MB)."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return result, round(seconds, 3), round(peak / 2**20, 1), _max_rss_mb()
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from medlsam.geometry import AxialView
+    from medlsam.segment import Segmenter, boxes_from_labels, build_backend, dice
+
+    if args.z_step < 1 or args.speed_slices < 1:
+        raise ValueError("--z-step and --speed-slices must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image, labels_img, label_map, source = _load_study(args)
+    view = AxialView.from_nifti(image)
+    gt = AxialView.from_nifti(labels_img, dtype=None).array
+    names = {i: n for n, i in label_map.items()}
+    boxes = {int(k): [v] for k, v in boxes_from_labels(gt).items() if k in names}
+    if not boxes:
+        raise ValueError("the label volume has no organ to benchmark")
+    print(f"{source}: shape (z, y, x) {view.array.shape}, {len(boxes)} organs, backend {args.model}, "
+          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+    t0 = time.perf_counter()
+    fast = build_backend(args.model, args.checkpoint, accelerate=True, threads=args.threads)
+    setup_fast = round(time.perf_counter() - t0, 2)
+    eager = build_backend(args.model, args.checkpoint, accelerate=False)
+    if not fast.accelerated:
+        print("note: the accelerated encoder is unavailable here; both columns run eager")
+
+    cached_seg = Segmenter(fast, cache=True)
+    covered = covered_slices(cached_seg, view.array.shape, boxes)
+    subset = covered[:: args.z_step]
+
+    # 1. one encoder pass per slice vs one per organ per slice, same slices, same encoder
+    cached, t_cached, mem_cached, rss_cached = _phase(
+        lambda: cached_seg.segment_volume(view.array, boxes, slices=subset))
+    recompute, t_recompute, mem_recompute, rss_recompute = _phase(
+        lambda: Segmenter(fast, cache=False).segment_volume(view.array, boxes, slices=subset))
+    identical = bool(np.array_equal(cached.labels, recompute.labels))
+
+    # 2. encoder time per slice: eager fp32 vs accelerated, interleaved slice by slice
+    picks = [subset[int(i)] for i in np.linspace(0, len(subset) - 1, min(args.speed_slices, len(subset)))]
+    picks = sorted(set(picks))
+    seg_eager, seg_fast = Segmenter(eager, progress=False), Segmenter(fast, progress=False)
+    eager_times, fast_times = [], []
+    eager_labels = np.zeros_like(cached.labels)
+    fast_labels = np.zeros_like(cached.labels)
+    seg_eager.segment_volume(view.array, boxes, slices=picks[:1])  # warm-up
+    seg_fast.segment_volume(view.array, boxes, slices=picks[:1])
+    for z in picks:
+        r = seg_eager.segment_volume(view.array, boxes, slices=[z])
+        eager_times.append(r.stats["encode_seconds"] / max(r.stats["encoder_calls"], 1))
+        eager_labels[z] = r.labels[z]
+        r = seg_fast.segment_volume(view.array, boxes, slices=[z])
+        fast_times.append(r.stats["encode_seconds"] / max(r.stats["encoder_calls"], 1))
+        fast_labels[z] = r.labels[z]
+    agreement = {names[k]: round(dice(eager_labels[picks] == k, fast_labels[picks] == k), 4)
+                 for k in boxes if (eager_labels[picks] == k).any() or (fast_labels[picks] == k).any()}
+    median_eager, median_fast = statistics.median(eager_times), statistics.median(fast_times)
+
+    gt_dice = {names[k]: round(dice(cached.labels[subset] == k, gt[subset] == k), 4) for k in boxes}
+    report = {
+        "source": source,
+        "shape_zyx": list(view.array.shape),
+        "backend": args.model,
+        "organs": len(boxes),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "slices_covered": len(covered),
+        "slices_segmented": len(subset),
+        "z_step": args.z_step,
+        "cache": {
+            "with_cache": {**cached.stats, "wall_seconds": t_cached, "python_peak_mb": mem_cached,
+                           "max_rss_mb": rss_cached},
+            "per_organ_recompute": {**recompute.stats, "wall_seconds": t_recompute,
+                                    "python_peak_mb": mem_recompute, "max_rss_mb": rss_recompute},
+            "encoder_call_ratio": _ratio(recompute.stats["encoder_calls"], cached.stats["encoder_calls"]),
+            "wall_time_ratio": _ratio(t_recompute, t_cached),
+            "identical_masks": identical,
+        },
+        "encoder_speed": {
+            "slices": picks,
+            "accelerated": bool(fast.accelerated),
+            "accelerated_setup_seconds": setup_fast,
+            "eager_seconds_per_slice": round(median_eager, 4),
+            "accelerated_seconds_per_slice": round(median_fast, 4),
+            "speedup": _ratio(median_eager, median_fast),
+            "dice_eager_vs_accelerated": agreement,
+            "min_dice_eager_vs_accelerated": min(agreement.values()) if agreement else None,
+        },
+        "dice_vs_ground_truth": gt_dice,
+        "max_rss_mb": _max_rss_mb(),
+    }
+    print_report(report)
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def covered_slices(segmenter, shape, boxes) -> list[int]:
+    """The slices the segmenter would process for `boxes` (after the box margin and clipping)."""
+    from medlsam.segment import parse_organ_boxes
+
+    prompts = parse_organ_boxes(boxes, shape, segmenter.box_margin_zyx)
+    return sorted({z for per_slice in prompts.values() for z in per_slice})
+
+
+def print_report(r: dict) -> None:
+    c, s = r["cache"], r["encoder_speed"]
+    w, p = c["with_cache"], c["per_organ_recompute"]
+    print()
+    print(f"{r['organs']} organs, {r['slices_segmented']} of {r['slices_covered']} covered slices segmented "
+          f"(z-step {r['z_step']}), {r['torch_threads']} threads")
+    rows = [
+        ("", "cache (ours)", "per-organ (reference)", "ratio"),
+        ("encoder calls", w["encoder_calls"], p["encoder_calls"], f"{c['encoder_call_ratio']}x"),
+        ("decoder calls", w["decoder_calls"], p["decoder_calls"], ""),
+        ("wall time (s)", w["wall_seconds"], p["wall_seconds"], f"{c['wall_time_ratio']}x"),
+        ("encoder time (s)", w["encode_seconds"], p["encode_seconds"], ""),
+        ("python peak (MB)", w["python_peak_mb"], p["python_peak_mb"], ""),
+        ("process max RSS (MB)", w["max_rss_mb"], p["max_rss_mb"], ""),
+    ]
+    for row in rows:
+        print(f"  {row[0]:22s} {str(row[1]):>14s} {str(row[2]):>22s} {str(row[3]):>8s}")
+    print(f"  identical masks: {'yes' if c['identical_masks'] else 'NO'}")
+    print()
+    label = "ONNX Runtime fp32" if s["accelerated"] else "accelerated (unavailable)"
+    print(f"  {'encoder s/slice':22s} {'eager fp32':>14s} {label:>22s} {'speed-up':>8s}")
+    print(f"  {'median of ' + str(len(s['slices'])):22s} {s['eager_seconds_per_slice']:>14.3f} "
+          f"{s['accelerated_seconds_per_slice']:>22.3f} {str(s['speedup']) + 'x':>8s}")
+    print(f"  Dice eager vs accelerated: min {s['min_dice_eager_vs_accelerated']} over "
+          f"{len(s['dice_eager_vs_accelerated'])} organs (one-time export/load {s['accelerated_setup_seconds']} s)")
+    gt = r["dice_vs_ground_truth"]
+    print("  Dice vs ground truth (cache run): " + ", ".join(f"{k} {v:.3f}" for k, v in gt.items()))
+    print(f"  process max RSS: {r['max_rss_mb']} MB")
