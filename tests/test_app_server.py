@@ -1,0 +1,207 @@
+"""The MedLSAM app through a real MONAI Label server process, over HTTP.
+
+One server (module fixture) on a fresh tiny generated datastore: 3 supports with final labels,
+3 queries without. Clients: httpx (plain REST) and monailabel's own MONAILabelClient.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+
+from medlsam.paths import DEMO_MEDLAM
+from medlsam.synthetic import write_sample_dataset
+from server_process import running_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+N_STUDIES, N_SUPPORTS = 6, 3
+UNANNOTATED = "gallbladder"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    write_sample_dataset(root, n_studies=N_STUDIES, n_supports=N_SUPPORTS, seed=7, preset="tiny", progress=False)
+    # supports annotate every organ but one, so that organ has no template
+    label_map = json.loads((root / "label_map.json").read_text())
+    for path in (root / "studies" / "labels" / "final").glob("*.nii.gz"):
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj).copy()
+        data[data == label_map[UNANNOTATED]] = 0
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(dataset, tmp_path_factory):
+    assert DEMO_MEDLAM.exists(), f"demo MedLAM checkpoint missing: {DEMO_MEDLAM}"
+    model_dir = tmp_path_factory.mktemp("models")
+    conf = {
+        "label_map": dataset / "label_map.json",
+        "medlam_checkpoint": DEMO_MEDLAM,
+        "model_dir": model_dir,
+        "template_store": model_dir / "templates.pt",
+    }
+    with running_server(dataset / "studies", conf, log_path=dataset / "server.log") as url:
+        yield {"url": url, "conf": conf, "root": dataset}
+
+
+def study_ids(root: Path) -> tuple[list[str], list[str]]:
+    ids = sorted(p.name.split(".")[0] for p in (root / "studies").glob("*.nii.gz"))
+    supports = sorted(p.name.split(".")[0] for p in (root / "studies" / "labels" / "final").glob("*.nii.gz"))
+    return supports, [i for i in ids if i not in supports]
+
+
+def post_infer(url, model, image, params=None, output=None, timeout=600):
+    query = f"image={image}" + (f"&output={output}" if output else "")
+    return httpx.post(f"{url}/infer/{model}?{query}", data={"params": json.dumps(params or {})}, timeout=timeout)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def test_info_lists_models_trainer_labels_and_templates(server):
+    info = httpx.get(f"{server['url']}/info/", timeout=30).json()
+    assert {"medlam", "sam", "medlsam"} <= set(info["models"])
+    assert "medlam" in info["trainers"]
+    label_map = json.loads((server["root"] / "label_map.json").read_text())
+    assert set(label_map) <= set(info["labels"])
+    organs = info["templates"]["organs"]
+    assert organs["liver"]["supports"] == N_SUPPORTS
+    assert all(1 <= o["supports"] <= N_SUPPORTS for o in organs.values())
+
+
+def test_medlsam_segments_a_query_with_named_labels(server):
+    _, queries = study_ids(server["root"])
+    query = queries[0]
+    client = MONAILabelClient(server["url"])
+    label_file, params = client.infer("medlsam", query, {"organs": ["liver", "spleen", "kidney_left", "kidney_right"]})
+    labels = np.asanyarray(nib.load(label_file).dataobj)
+    truth = np.asanyarray(nib.load(server["root"] / "ground_truth" / f"{query}.nii.gz").dataobj)
+    assert labels.shape == truth.shape
+    info_labels = httpx.get(f"{server['url']}/info/", timeout=30).json()["labels"]
+    assert set(params["label_names"]) <= set(info_labels)
+    scores = {name: dice(labels == i, truth == i) for name, i in params["label_names"].items()}
+    print(f"\n/infer/medlsam on {query}: Dice {json.dumps({k: round(v, 3) for k, v in scores.items()})}"
+          f", mean {np.mean(list(scores.values())):.3f}; encoder calls {params['encoder_calls']}")
+    # multi-label: several organs segmented, each with its own id, each overlapping its organ
+    assert len(scores) >= 3
+    assert set(np.unique(labels)) - {0} <= set(params["label_names"].values())
+    assert np.mean(list(scores.values())) > 0.4
+    assert params["encoder_calls"] > 0 and params["timings"]["total_s"] > 0
+
+
+def test_sam_with_roi_segments_the_boxed_organ(server):
+    _, queries = study_ids(server["root"])
+    query = queries[1]
+    truth = np.asanyarray(nib.load(server["root"] / "ground_truth" / f"{query}.nii.gz").dataobj)
+    label_map = json.loads((server["root"] / "label_map.json").read_text())
+    liver = truth == label_map["liver"]
+    (i0, j0, k0), (i1, j1, k1) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
+    client = MONAILabelClient(server["url"])
+    out_file, params = client.infer("sam", query, {"roi": [int(i0), int(j0), int(i1), int(j1), int(k0), int(k1)],
+                                                   "label": "liver"})
+    mask = np.asanyarray(nib.load(out_file).dataobj) == label_map["liver"]
+    score = dice(mask, liver)
+    print(f"\n/infer/sam with the liver's ground-truth roi on {query}: Dice {score:.3f}")
+    assert params["label_names"] == {"liver": label_map["liver"]}
+    assert score > 0.7
+
+
+def test_concurrent_requests_all_succeed(server):
+    _, queries = study_ids(server["root"])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(post_infer, server["url"], "medlam", queries[i % len(queries)],
+                               {"organs": "liver,spleen"}, "json") for i in range(4)]
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * 4
+    for r in results:
+        organs = r.json()["organs"]
+        assert set(organs) == {"liver", "spleen"}
+        assert all(len(o["box_voxel"]) == 2 for o in organs.values())
+
+
+BAD_INPUTS = [
+    ("unknown image id", "medlsam", "no_such_study", {}, 404),
+    ("path outside the datastore", "medlam", "/etc/passwd", {}, 404),
+    ("relative path escape", "medlam", "../../../etc/passwd", {}, 404),
+    ("unknown organ", "medlam", "QUERY", {"organs": ["brain"]}, 422),
+    ("malformed roi", "sam", "QUERY", {"roi": [1, 2, 3]}, 422),
+    ("roi outside the image", "sam", "QUERY", {"roi": [900, 900, 950, 950, 900, 950]}, 422),
+    ("unknown model", "nnunet", "QUERY", {}, 404),
+    ("bad mode", "medlam", "QUERY", {"mode": "XYZ"}, 422),
+]
+
+
+@pytest.mark.parametrize("case,model,image,params,status", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_get_4xx_with_a_message(server, case, model, image, params, status):
+    _, queries = study_ids(server["root"])
+    image = queries[0] if image == "QUERY" else image
+    response = post_infer(server["url"], model, image, params, "json", timeout=120)
+    print(f"\n{case}: HTTP {response.status_code} {response.text[:160]}")
+    assert response.status_code == status, response.text
+    assert len(response.json()["detail"]) > 10
+    assert httpx.get(f"{server['url']}/info/", timeout=30).status_code == 200  # still serving
+
+
+def test_organ_without_template_is_refused(server):
+    info = httpx.get(f"{server['url']}/info/", timeout=30).json()
+    assert UNANNOTATED not in info["templates"]["organs"]
+    _, queries = study_ids(server["root"])
+    response = post_infer(server["url"], "medlam", queries[0], {"organs": [UNANNOTATED]}, "json")
+    print(f"\norgan without template: HTTP {response.status_code} {response.text[:160]}")
+    assert response.status_code == 422
+    assert "no support template" in response.json()["detail"]
+
+
+def test_corrupt_and_mismatched_labels_are_rejected_and_store_unchanged(server, tmp_path):
+    url = server["url"]
+    _, queries = study_ids(server["root"])
+    before = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
+    image = nib.load(server["root"] / "studies" / f"{queries[0]}.nii.gz")
+    wrong_shape = tmp_path / "wrong_shape.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), image.affine), wrong_shape)
+    unknown_ids = tmp_path / "unknown_ids.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(image.shape, 200, np.uint8), image.affine), unknown_ids)
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), empty)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"this is not a nifti file")
+    for path in (corrupt, wrong_shape, unknown_ids, empty):
+        with open(path, "rb") as f:
+            response = httpx.put(f"{url}/datastore/label?image={queries[0]}&tag=final",
+                                 files={"label": (path.name, f)}, timeout=60)
+        print(f"\nsave {path.name}: HTTP {response.status_code} {response.text[:160]}")
+        assert response.status_code == 422, response.text
+        assert "label rejected" in response.json()["detail"]
+    assert not (server["root"] / "studies" / "labels" / "final" / f"{queries[0]}.nii.gz").exists()
+    after = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
+    assert after == before
+
+
+def test_saving_a_final_label_grows_the_store_and_survives_restart(server):
+    url, root = server["url"], server["root"]
+    _, queries = study_ids(root)
+    new_support = queries[-1]
+    before = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
+    client = MONAILabelClient(url)
+    result = client.save_label(new_support, str(root / "ground_truth" / f"{new_support}.nii.gz"), tag="final")
+    assert result["templates"]["liver"] == before["liver"]["supports"] + 1
+    after = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
+    assert after["liver"]["supports"] == before["liver"]["supports"] + 1
+    assert new_support in after["liver"]["study_ids"]
+    # a fresh server on the same store and datastore keeps the grown store
+    with running_server(root / "studies", server["conf"], log_path=root / "server2.log") as url2:
+        again = httpx.get(f"{url2}/info/", timeout=30).json()["templates"]["organs"]
+    assert again["liver"]["supports"] == after["liver"]["supports"]
+    assert new_support in again["liver"]["study_ids"]
