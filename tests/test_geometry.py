@@ -67,8 +67,14 @@ def test_non_ct_and_2d_inputs_are_refused():
         MedLAMGrid.from_nifti(flat)
 
 
+def test_volume_smaller_than_half_a_patch_is_refused():
+    img = make_study("RAS", shape=(30, 30, 20), blob_ijk=(10, 10, 10))  # 24 x 33 x 50 mm
+    with pytest.raises(ValueError, match="too small"):
+        MedLAMGrid.from_nifti(img, spacing_mm=(3.0, 3.0, 3.0), patch_size=(64, 64, 64))
+
+
 def test_padding_to_patch_keeps_indices():
-    img = make_study("RAS", shape=(30, 30, 20))
+    img = make_study("RAS", shape=(80, 80, 50), spacing=(1.5, 1.5, 2.5))
     grid = MedLAMGrid.from_nifti(img, spacing_mm=(3.0, 3.0, 3.0), patch_size=(64, 64, 64))
     assert grid.array.shape == (64, 64, 64)
     assert all(v < 64 for v in grid.valid_shape)

@@ -117,10 +117,12 @@ class MedLAMGrid:
         mapped = map_hu(array_zyx)
         resampled = resample_zyx(mapped, scale, order=1)
         valid_shape = resampled.shape
-        if min(valid_shape) < 2:
+        extent_mm = np.array(array_zyx.shape) * spacing_in
+        field_of_view_mm = np.asarray(patch_size) * target
+        if np.any(extent_mm < field_of_view_mm / 2):
             raise ValueError(
-                f"{name} covers only {np.array(array_zyx.shape) * spacing_in} mm (z, y, x): too small "
-                f"to localize at {tuple(target)} mm spacing"
+                f"{name} covers only {np.round(extent_mm).astype(int).tolist()} mm (z, y, x), less than half of "
+                f"one MedLAM patch ({np.round(field_of_view_mm).astype(int).tolist()} mm): too small to localize in"
             )
         pad = [(0, max(0, int(p) - n)) for n, p in zip(valid_shape, patch_size)]
         padded = np.pad(resampled, pad, mode="constant", constant_values=0.0)
