@@ -223,6 +223,11 @@ def test_train_config_validation():
         TrainConfig(batch_size=2, mss_pairs=3)
     with pytest.raises(ValueError, match="pos_radius"):
         TrainConfig(mss_pos_radius_vox=3.0, mss_neg_radius_vox=2.0)
+    cosine = TrainConfig(learning_rate=1e-3, lr_schedule="cosine", lr_final_fraction=0.1, iterations=100)
+    assert cosine.learning_rate_at(0) == pytest.approx(1e-3)
+    assert cosine.learning_rate_at(50) == pytest.approx(0.55e-3)
+    assert cosine.learning_rate_at(100) == pytest.approx(1e-4)
+    assert TrainConfig(learning_rate=1e-3).learning_rate_at(50) == 1e-3
     cfg = TrainConfig.from_dict(small_cfg().to_dict())
     assert cfg == small_cfg()
     with pytest.raises(ValueError, match="unknown"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class TrainConfig:
     iterations: int = 10000
     batch_size: int = 4  # crop pairs per iteration (per process under DDP)
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine (to lr_final_fraction x learning_rate at the end)
+    lr_final_fraction: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
     # losses
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError("need 0 < mss_pos_radius_vox < mss_neg_radius_vox")
         if self.learning_rate <= 0 or self.rdr_unit_mm <= 0:
             raise ValueError("learning_rate and rdr_unit_mm must be positive")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -84,6 +89,14 @@ class TrainConfig:
     @property
     def effective_crop_pad(self) -> int:
         return max(self.patch_size) // 8 if self.crop_pad is None else int(self.crop_pad)
+
+    def learning_rate_at(self, iteration: int) -> float:
+        """Learning rate for the step that follows `iteration` completed steps."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        progress = min(max(iteration / self.iterations, 0.0), 1.0)
+        low = self.learning_rate * self.lr_final_fraction
+        return low + 0.5 * (self.learning_rate - low) * (1.0 + math.cos(math.pi * progress))
 
     def network_config(self) -> MedLAMConfig:
         return MedLAMConfig(
@@ -132,6 +145,7 @@ def demo_config(**overrides) -> TrainConfig:
         batch_size=8,
         mss_pairs=2,
         learning_rate=1e-3,
+        lr_schedule="cosine",
         threads=1,
         num_workers=1,
         log_every=20,

@@ -189,6 +189,8 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
         dataset.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate_at(iteration)
             losses = model(batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -196,6 +198,7 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
             iteration += 1
             for key, value in losses.items():
                 window.setdefault(key, []).append(float(value.detach()))
+            window.setdefault("lr", []).append(optimizer.param_groups[0]["lr"])
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                 report = _report(window, iteration, cfg.iterations, time.monotonic() - started)
                 window = {}
@@ -235,6 +238,8 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
 
 def _report(window: dict[str, list[float]], iteration: int, total: int, seconds: float) -> dict:
     report = {"iteration": iteration, "total": total, "seconds": round(seconds, 1)}
+    if "lr" in window:
+        report["lr"] = window["lr"][-1]
     for key in ("loss", "loss_rdr", "loss_mss", "mss_hit_rate"):
         values = window.get(key)
         report[key] = float(np.mean(values)) if values else None
@@ -245,7 +250,7 @@ def _report(window: dict[str, list[float]], iteration: int, total: int, seconds:
 
 def _log_report(report: dict, writer) -> None:
     parts = [f"iter {report['iteration']}/{report['total']}", f"{report['seconds']:.0f}s"]
-    for key in ("loss", "loss_rdr", "rdr_rmse_mm", "loss_mss", "mss_hit_rate"):
+    for key in ("loss", "loss_rdr", "rdr_rmse_mm", "loss_mss", "mss_hit_rate", "lr"):
         if report.get(key) is not None:
             parts.append(f"{key} {report[key]:.4g}")
             if writer is not None:
