@@ -42,6 +42,7 @@ class TrainConfig:
     # sampling and augmentation
     crop_pad: int | None = None  # extra margin around a crop for augmentation; None = patch // 8
     body_threshold: float = 0.1  # mapped intensity above which a voxel counts as body (~ -600 HU)
+    uniform_centre_fraction: float = 0.2  # crop centres drawn over the whole volume, not just the body
     intensity_prob: float = 0.5
     noise_prob: float = 0.5
     noise_std: float = 0.1
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError("need 0 < mss_pos_radius_vox < mss_neg_radius_vox")
         if self.learning_rate <= 0 or self.rdr_unit_mm <= 0:
             raise ValueError("learning_rate and rdr_unit_mm must be positive")
+        if not 0.0 <= self.uniform_centre_fraction <= 1.0:
+            raise ValueError("uniform_centre_fraction must be in [0, 1]")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -6,7 +6,9 @@ in mm, and optionally an augmented copy of `a` whose voxels carry their original
 
 Crop centres are drawn evenly over the body: z uniform over the slices that contain body, then
 y and x uniform over that slice's body bounding box, so the ends of the scan (pelvis, apex of the
-lungs) are seen as often as the middle (METHOD section 12 failure pattern).
+lungs) are seen as often as the middle (METHOD section 12 failure pattern). A fraction
+(`uniform_centre_fraction`) is drawn uniformly over the whole volume instead, as random query
+crops at inference may be.
 
 Patch convention (shared with inference): a patch "centred" at voxel c covers
 [c - P // 2, c - P // 2 + P) along each axis; its centre position is c * spacing.
@@ -89,6 +91,7 @@ class PatchPairDataset(Dataset):
         self.pad = int(cfg.effective_crop_pad)
         self.points = int(cfg.mss_points)
         self.body_threshold = float(cfg.body_threshold)
+        self.uniform_fraction = float(cfg.uniform_centre_fraction)
         self.samples_per_volume = int(cfg.samples_per_volume)
         self.seed = int(cfg.seed if seed is None else seed)
         self.epoch = 0
@@ -112,8 +115,7 @@ class PatchPairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         volume, extent = self.volumes[volume_id], self.extents[volume_id]
 
-        centre_a = extent.sample_centre(rng)
-        centre_b = extent.sample_centre(rng)
+        centre_a, centre_b = self._centre(volume, extent, rng), self._centre(volume, extent, rng)
         # crop a is a random shift of the window the augmented copy is taken from
         shift = rng.integers(-self.pad, self.pad + 1, size=3) if with_aug else np.zeros(3, np.int64)
         ori_a_centre = centre_a + shift
@@ -127,6 +129,11 @@ class PatchPairDataset(Dataset):
         if with_aug:
             item.update(self._augmented(volume, centre_a, ori_a_centre, item["ori_a"][0].numpy(), rng))
         return item
+
+    def _centre(self, volume: np.ndarray, extent: BodyExtent, rng) -> np.ndarray:
+        if rng.random() < self.uniform_fraction:
+            return rng.integers(0, volume.shape).astype(np.int64)
+        return extent.sample_centre(rng)
 
     def _augmented(self, volume, centre, ori_centre, ori_a: np.ndarray, rng) -> dict[str, torch.Tensor]:
         padded_size = self.patch + 2 * self.pad
