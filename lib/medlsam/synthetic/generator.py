@@ -26,6 +26,11 @@ class Study:
     label: nib.Nifti1Image  # uint8 organ ids (LABEL_MAP), same grid
     meta: dict = field(default_factory=dict)
 
+    @property
+    def labels(self) -> nib.Nifti1Image:
+        """Alias of `label`."""
+        return self.label
+
 
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

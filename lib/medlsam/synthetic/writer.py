@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..io import atomic_write_json, save_nifti
-from .acquisition import check_preset
+from .acquisition import check_orientation, check_preset, check_scan_range
 from .generator import GENERATOR_VERSION, generate_study
 from .labels import LABEL_MAP
 
@@ -27,7 +27,8 @@ def study_seed(dataset_seed: int, index: int) -> int:
 
 
 def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, preset: str = "default",
-                         progress: bool = True) -> dict:
+                         progress: bool = True, *, scan_range: str | None = None,
+                         orientation: str | None = None) -> dict:
     """Write `n_studies` studies under `root` (idempotent: complete existing files are kept).
 
     root/studies/<id>.nii.gz               images (a MONAI Label local datastore folder)
@@ -36,6 +37,8 @@ def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, p
     root/ground_truth/<id>.nii.gz          labels of all studies (evaluation, outside the datastore)
     root/label_map.json                    {organ name: id}
     root/dataset.json                      generation parameters and per-study metadata
+
+    scan_range / orientation, when given, apply to the query studies / to every study.
     """
     if isinstance(n_studies, bool) or not isinstance(n_studies, int) or n_studies < 1:
         raise ValueError(f"number of studies must be a positive integer, got {n_studies!r}")
@@ -45,6 +48,10 @@ def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, p
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     check_preset(preset)
+    if scan_range is not None:
+        check_scan_range(scan_range)
+    if orientation is not None:
+        orientation = check_orientation(orientation)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"output folder {root} exists and is not a folder")
@@ -52,7 +59,8 @@ def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, p
     labels_dir = studies_dir / "labels" / "final"
     truth_dir = root / "ground_truth"
     manifest_path = root / MANIFEST
-    params = {"seed": seed, "preset": preset, "generator_version": GENERATOR_VERSION}
+    params = {"seed": seed, "preset": preset, "scan_range": scan_range, "orientation": orientation,
+              "generator_version": GENERATOR_VERSION}
     manifest = {"params": params, "label_map": LABEL_MAP, "studies": {}}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
@@ -82,7 +90,8 @@ def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, p
             kept.append(sid)
             continue
         study = generate_study(study_seed(seed, i), preset,
-                               scan_range="chest_abdomen_pelvis" if support else None)
+                               scan_range="chest_abdomen_pelvis" if support else scan_range,
+                               orientation=orientation)
         save_nifti(study.label, truth_path)
         if support:
             save_nifti(study.label, label_path)
