@@ -245,22 +245,29 @@ def test_segment_nifti_returns_labels_on_the_original_grid(tiny_model):
 
 
 # -- acceleration ---------------------------------------------------------------------------------
-def test_onnx_encoder_matches_eager_and_is_cached(tiny_model, tmp_path):
+def test_onnx_encoder_and_decoder_match_eager_and_are_cached(tiny_model, tmp_path):
     volume, labels = phantom()
     boxes = {k: [v] for k, v in boxes_from_labels(labels).items()}
+    boxes[3] = {5: [(0, 0, 20, 20), (5, 5, 30, 30), (10, 10, 39, 55)]}  # several boxes: dynamic batch
     eager = SamBackend(tiny_model)
     fast = SamBackend(tiny_model)
     assert accelerate_backend(fast, cache_dir=tmp_path, threads=1)
-    exported = list(tmp_path.glob("*.onnx"))
-    assert len(exported) == 1 and fast.accelerated
-    a = Segmenter(eager, progress=False).segment_volume(volume, boxes)
-    b = Segmenter(fast, progress=False).segment_volume(volume, boxes)
-    for k in (1, 2):
+    exported = sorted(p.name.split("-")[1] for p in tmp_path.glob("*.onnx"))
+    assert exported == ["box", "encoder"] and fast.accelerated and fast.box_decoder is not None
+    a = Segmenter(eager, progress=False).segment_volume(volume, boxes, return_probabilities=True)
+    b = Segmenter(fast, progress=False).segment_volume(volume, boxes, return_probabilities=True)
+    assert b.stats["accelerated"] and b.stats["accelerated_decoder"] and not a.stats["accelerated"]
+    for k in (1, 2, 3):
+        assert np.abs(a.probabilities[k] - b.probabilities[k]).max() < 1e-3
         assert dice(a.labels == k, b.labels == k) >= 0.99
-    mtime = exported[0].stat().st_mtime_ns
+    # point prompts take the eager decoder path and still work on an accelerated backend
+    with_points = Segmenter(fast, progress=False).segment_slice(volume[3], (10, 8, 30, 40), foreground=[(20, 20)])
+    reference = Segmenter(eager, progress=False).segment_slice(volume[3], (10, 8, 30, 40), foreground=[(20, 20)])
+    assert np.abs(with_points.probability - reference.probability).max() < 1e-3
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     again = SamBackend(tiny_model)
     assert accelerate_backend(again, cache_dir=tmp_path, threads=1)
-    assert exported[0].stat().st_mtime_ns == mtime and len(list(tmp_path.iterdir())) == 1  # reused, no temp left
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes  # reused; no temp files left
 
 
 def test_missing_onnxruntime_falls_back_to_eager(tiny_model, tmp_path, monkeypatch):
@@ -268,7 +275,7 @@ def test_missing_onnxruntime_falls_back_to_eager(tiny_model, tmp_path, monkeypat
     backend = SamBackend(tiny_model)
     with pytest.warns(UserWarning, match="onnxruntime"):
         assert not accelerate_backend(backend, cache_dir=tmp_path)
-    assert not backend.accelerated and backend.encoder is backend.image_encoder
+    assert not backend.accelerated and backend.encoder is backend.image_encoder and backend.box_decoder is None
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

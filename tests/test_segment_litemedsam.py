@@ -75,12 +75,13 @@ def test_accelerated_encoder_is_faster_per_slice(eager, fast):
     image = np.clip((volume[3] + 160) * 255 / 400, 0, 255)
     eager.encode(image), fast.encode(image)  # warm-up
     times = {"eager": [], "fast": []}
-    for _ in range(3):
+    for _ in range(5):
         for name, backend in (("eager", eager), ("fast", fast)):
             before = backend.encode_seconds
             backend.encode(image)
             times[name].append(backend.encode_seconds - before)
-    assert np.median(times["eager"]) / np.median(times["fast"]) >= 1.5
+    # the fastest of 5 interleaved runs: other processes on a shared CPU only ever add time
+    assert min(times["eager"]) / min(times["fast"]) >= 1.5
 
 
 def _write_study(tmp_path):

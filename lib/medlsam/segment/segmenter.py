@@ -102,6 +102,7 @@ class Segmenter:
         stats = {
             "backend": self.backend.name,
             "accelerated": bool(self.backend.accelerated),
+            "accelerated_decoder": self.backend.box_decoder is not None,
             "cache": self.cache,
             "organs": len(prompts),
             "slices": len(plan),

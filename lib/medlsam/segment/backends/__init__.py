@@ -10,7 +10,7 @@ import torch
 from .base import Embedding, SamFamilyBackend
 from .checkpoints import CHECKPOINT_FILES, default_model_dir
 from .litemedsam import LiteMedSAMBackend
-from .onnx_encoder import default_cache_dir, onnx_encoder_for
+from .onnx_runtime import default_cache_dir, onnx_box_decoder_for, onnx_encoder_for
 from .sam import SamBackend, build_sam_model
 
 log = logging.getLogger(__name__)
@@ -22,9 +22,18 @@ MAX_ONNX_PARAMETER_BYTES = 1_500_000_000
 
 def accelerate_backend(backend: SamFamilyBackend, cache_dir: str | os.PathLike | None = None,
                        threads: int | None = None) -> bool:
-    """Swap the backend's eager encoder for ONNX Runtime (CPU only); True when that happened."""
+    """Run the backend's encoder and box decoder with ONNX Runtime (CPU only).
+
+    Returns True when the encoder was swapped; `backend.box_decoder` is set when the decoder was.
+    """
     if backend.device.type != "cpu":
         return False
+    prompt = backend.prompt_encoder
+    embedding_shape = (1, prompt.embed_dim, *prompt.image_embedding_size)
+    decoder = onnx_box_decoder_for(prompt, backend.mask_decoder, backend.name, embedding_shape,
+                                   backend.image_size, cache_dir, threads)
+    if decoder is not None:
+        backend.box_decoder = decoder
     size = sum(p.numel() * p.element_size() for p in backend.image_encoder.parameters())
     if size > MAX_ONNX_PARAMETER_BYTES:
         log.info("%s encoder too large for one ONNX file (%.1f GB); running eager", backend.name, size / 1e9)

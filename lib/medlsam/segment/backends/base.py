@@ -43,6 +43,8 @@ class SamFamilyBackend:
         self.mask_decoder = mask_decoder.to(self.device).eval()
         self.image_size = int(image_size)
         self.encoder: Callable[[torch.Tensor], torch.Tensor] = self.image_encoder
+        # Optional faster path for box-only prompts: (embedding, boxes in input pixels) -> low-res logits.
+        self.box_decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.accelerated = False
         self.encoder_calls = 0
         self.decoder_calls = 0
@@ -116,14 +118,17 @@ class SamFamilyBackend:
         if n == 0:
             return np.zeros((0, *emb.original_size), dtype=np.float32)
         start = time.perf_counter()
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes_t, masks=None)
-        low_res, _ = self.mask_decoder(
-            image_embeddings=emb.features,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        if points is None and self.box_decoder is not None:
+            low_res = self.box_decoder(emb.features, boxes_t).to(self.device)
+        else:
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes_t, masks=None)
+            low_res, _ = self.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
         logits = self.postprocess_logits(low_res, emb)[:, 0]
         self.decoder_calls += 1
         self.decode_seconds += time.perf_counter() - start
