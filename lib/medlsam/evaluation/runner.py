@@ -1,0 +1,339 @@
+"""The per-study evaluation loop: localize, build box prompts, segment, score; resumable.
+
+For each query study every (localization, backbone) pair is segmented: "medlam" boxes come from
+the localizer, "manual" boxes are simulated from the ground truth (manual_boxes.py). Each
+finished study is written atomically to `<out>/studies/<study_id>.json`; a rerun skips the studies
+already there (when they were computed with the same settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from medlsam.evaluation.datasets import LabeledStudy
+from medlsam.evaluation.manual_boxes import (
+    DEFAULT_MAX_SHIFT_PX, DEFAULT_SHIFT_REFERENCE_PX, boxes_extent, counted_slices, manual_slice_boxes, organ_rng,
+)
+from medlsam.evaluation.metrics import box_iou_mm, dice, hd95, mask_box
+from medlsam.evaluation.shared_encoder import SharedEncoder
+from medlsam.geometry import AxialView, voxel_spacing
+from medlsam.io import atomic_write_json, load_nifti
+from medlsam.segment import Segmenter, slice_boxes_from_box, window_for_organ_name
+
+log = logging.getLogger(__name__)
+
+LOCALIZATIONS = ("medlam", "manual")
+EVAL_SLICES = ("paper", "box")
+SLICE_CHUNK = 8  # slices segmented per Segmenter call (bounds the shared-embedding cache)
+
+
+@dataclass
+class EvalSettings:
+    """Everything that changes the numbers of an evaluation (part of each study file's key)."""
+
+    organs: dict[str, int]  # name -> label id, the organs to evaluate
+    localizations: tuple[str, ...] = LOCALIZATIONS
+    backbones: tuple[str, ...] = ("litemedsam",)
+    mode: str = "WPL"
+    gt_slice_threshold: float = 0  # pixels; slices with less ground truth are not prompted/scored
+    eval_slices: str = "paper"  # "paper": prompt only counted slices; "box": every slice of a MedLAM box
+    seed: int = 0
+    max_shift_px: float = DEFAULT_MAX_SHIFT_PX
+    shift_reference_px: float | None = DEFAULT_SHIFT_REFERENCE_PX
+    box_margin_zyx: tuple[int, int, int] = (2, 10, 10)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. weights fingerprints, support ids
+
+    def __post_init__(self):
+        if not self.organs:
+            raise ValueError("no organs to evaluate")
+        self.localizations = tuple(self.localizations)
+        bad = [loc for loc in self.localizations if loc not in LOCALIZATIONS]
+        if bad or not self.localizations:
+            raise ValueError(f"localizations must be among {LOCALIZATIONS}, got {self.localizations}")
+        self.backbones = tuple(self.backbones)
+        if not self.backbones:
+            raise ValueError("at least one segmentation backbone is needed")
+        self.mode = self.mode.upper()
+        if self.mode not in ("WPL", "SPL"):
+            raise ValueError(f"mode must be WPL or SPL, got {self.mode!r}")
+        if self.eval_slices not in EVAL_SLICES:
+            raise ValueError(f"eval_slices must be one of {EVAL_SLICES}, got {self.eval_slices!r}")
+        if self.gt_slice_threshold < 0:
+            raise ValueError(f"gt_slice_threshold must be >= 0 pixels, got {self.gt_slice_threshold}")
+        self.box_margin_zyx = tuple(int(m) for m in self.box_margin_zyx)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(loc, backbone) for loc in self.localizations for backbone in self.backbones]
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def key(self) -> str:
+        """A fingerprint of the settings; study files with another key are not reused."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pair_name(localization: str, backbone: str) -> str:
+    return f"{localization}/{backbone}"
+
+
+# -- prompts -----------------------------------------------------------------------------------
+def _merge_slice_boxes(target: dict[int, list], boxes: Mapping[int, tuple]) -> None:
+    for z, box in boxes.items():
+        target.setdefault(int(z), []).append(tuple(int(v) for v in box))
+
+
+def medlam_prompts(located: Mapping[str, dict], view: AxialView, settings: EvalSettings,
+                   counted: Mapping[str, list[int]]) -> dict[str, dict[int, list]]:
+    """Organ -> {z: [2D boxes]} on the axial view from the localizer's (expanded) 3D boxes."""
+    prompts = {}
+    for name, entry in located.items():
+        if not entry["present"]:
+            continue
+        parts = [p["box_voxel"] for p in entry.get("parts") or []] if settings.mode == "SPL" else []
+        per_slice: dict[int, list] = {}
+        for box in parts or [entry["box_voxel"]]:
+            lo, hi = view.box_from_original(*box)
+            _merge_slice_boxes(per_slice, slice_boxes_from_box(lo, hi, view.array.shape, settings.box_margin_zyx))
+        if settings.eval_slices == "paper":
+            keep = set(counted.get(name, ()))
+            per_slice = {z: b for z, b in per_slice.items() if z in keep}
+        prompts[name] = per_slice
+    return prompts
+
+
+# -- segmentation with one encoder pass per slice for all localizations -----------------------
+def segment_prompt_sets(backend, volume_zyx: np.ndarray, prompt_sets: Mapping[str, Mapping[int, Mapping]],
+                        windows: Mapping[int, str], margin_zyx, progress: bool = False) -> tuple[dict, dict]:
+    """Segment several prompt sets ({label: {z: [boxes]}} each) on one volume.
+
+    Each set gets its own multi-label result (organs overlap-resolved within the set, as the
+    Segmenter does); slices are encoded once for all sets. Returns ({set: labels zyx}, stats).
+    """
+    shared = SharedEncoder(backend, capacity=SLICE_CHUNK * max(1, len(set(windows.values()))))
+    segmenter = Segmenter(shared, box_margin_zyx=margin_zyx, progress=False)
+    labels = {name: np.zeros(volume_zyx.shape, np.uint8) for name in prompt_sets}
+    all_z = sorted({int(z) for prompts in prompt_sets.values() for per in prompts.values() for z in per})
+    enc0, dec0 = backend.encoder_calls, backend.decoder_calls
+    start = time.perf_counter()
+    chunks = [all_z[i:i + SLICE_CHUNK] for i in range(0, len(all_z), SLICE_CHUNK)]
+    bar = tqdm(total=len(all_z), desc="  segment", unit="slice", leave=False, disable=None if progress else True)
+    for chunk in chunks:
+        wanted = set(chunk)
+        for name, prompts in prompt_sets.items():
+            selected = {label: {z: b for z, b in per.items() if z in wanted} for label, per in prompts.items()}
+            selected = {label: per for label, per in selected.items() if per}
+            if not selected:
+                continue
+            result = segmenter.segment_volume(volume_zyx, selected, window_for_label=windows, slices=chunk)
+            labels[name][chunk] = result.labels[chunk]
+        shared.clear()
+        bar.update(len(chunk))
+    bar.close()
+    stats = {
+        "slices": len(all_z),
+        "encoder_calls": backend.encoder_calls - enc0,
+        "decoder_calls": backend.decoder_calls - dec0,
+        "embeddings_reused": shared.hits,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return labels, stats
+
+
+# -- one study ---------------------------------------------------------------------------------
+def _load_pair(study: LabeledStudy):
+    image = load_nifti(study.image)
+    label = load_nifti(study.label, what="label")
+    if tuple(label.shape) != tuple(image.shape):
+        raise ValueError(f"{study.study_id}: label shape {tuple(label.shape)} differs from image shape "
+                         f"{tuple(image.shape)} ({study.label} vs {study.image})")
+    if not np.allclose(label.affine, image.affine, atol=1e-3):
+        raise ValueError(f"{study.study_id}: label and image have different affines (voxel grids); "
+                         "resample the label onto the image first")
+    truth = np.asanyarray(label.dataobj)
+    if not np.issubdtype(truth.dtype, np.integer):
+        if not np.allclose(truth, np.rint(truth)):
+            raise ValueError(f"{study.study_id}: label {study.label} holds non-integer values")
+        truth = np.rint(truth)
+    return image, label, truth.astype(np.int32)
+
+
+def _round(value: float | None, digits: int = 4):
+    if value is None or not np.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mapping[str, Any],
+                   localizer=None, overlay_dir: Path | None = None, overlay_slices: int = 3,
+                   progress: bool = False) -> dict:
+    """Localize, prompt, segment and score one query study; returns its JSON-ready result."""
+    t_start = time.perf_counter()
+    image, label, truth = _load_pair(study)
+    view = AxialView.from_nifti(image)
+    truth_view = AxialView.from_nifti(label, dtype=None).array
+    truth_view = np.rint(truth_view).astype(np.int32) if not np.issubdtype(truth_view.dtype, np.integer) else truth_view
+    spacing = voxel_spacing(image.affine)
+    counts = np.bincount(truth.ravel().clip(0), minlength=256)
+    present = {n: i for n, i in settings.organs.items() if counts[i] > 0}
+    counted = {n: counted_slices(truth_view == i, settings.gt_slice_threshold) for n, i in present.items()}
+    truth_boxes = {n: mask_box(truth == i) for n, i in present.items()}
+    timings = {"load_s": round(time.perf_counter() - t_start, 3)}
+
+    organs_out: dict[str, dict] = {
+        n: {"id": i, "in_truth": n in present, "truth_voxels": int(counts[i]),
+            "counted_slices": len(counted.get(n, ())), "localization": {}, "metrics": {}}
+        for n, i in settings.organs.items()
+    }
+    prompt_sets: dict[str, dict[str, dict]] = {}
+    boxes_3d: dict[str, dict[str, list | None]] = {}
+
+    if "medlam" in settings.localizations:
+        if localizer is None:
+            raise ValueError("MedLAM localization requested but no localizer was given")
+        t0 = time.perf_counter()
+        with_templates = [n for n in settings.organs if n in localizer.templates.supports]
+        located = localizer.localize(image, organs=with_templates, mode=settings.mode, seed=settings.seed,
+                                     name=study.study_id)["organs"] if with_templates else {}
+        timings["localize_s"] = round(time.perf_counter() - t0, 3)
+        prompt_sets["medlam"] = medlam_prompts(located, view, settings, counted)
+        boxes_3d["medlam"] = {}
+        for name in settings.organs:
+            entry = located.get(name)
+            loc = {"status": "no_template"} if entry is None else {
+                "status": "found" if entry["present"] else "absent",
+                "confidence": entry.get("confidence"),
+                "box_voxel": entry["box_voxel"],
+                "absent_reason": entry.get("absent_reason"),
+            }
+            if entry is not None and entry["present"]:
+                boxes_3d["medlam"][name] = entry["box_voxel"]
+            organs_out[name]["localization"]["medlam"] = loc
+
+    if "manual" in settings.localizations:
+        prompt_sets["manual"] = {}
+        boxes_3d["manual"] = {}
+        for name, label_id in present.items():
+            rng = organ_rng(settings.seed, study.study_id, label_id)
+            per_slice = manual_slice_boxes(truth_view == label_id, rng, settings.gt_slice_threshold,
+                                           settings.max_shift_px, settings.shift_reference_px)
+            prompt_sets["manual"][name] = {z: [b] for z, b in per_slice.items()}
+            extent = boxes_extent(per_slice)
+            box = None
+            if extent is not None:
+                lo, hi = view.box_to_original(*extent)
+                box = [lo.tolist(), hi.tolist()]
+                boxes_3d["manual"][name] = box
+            organs_out[name]["localization"]["manual"] = {"status": "found" if box else "no_slice", "box_voxel": box}
+
+    # box IoU in mm against the tight ground-truth box (organs missing from the truth are not scored)
+    for loc, boxes in boxes_3d.items():
+        for name in present:
+            box = boxes.get(name)
+            iou = box_iou_mm(box, truth_boxes[name], image.affine) if box is not None else 0.0
+            organs_out[name]["localization"][loc]["iou"] = _round(iou)
+
+    # segmentation: per backbone, all localizations share the encoder passes
+    windows = {settings.organs[n]: window_for_organ_name(n) for n in settings.organs}
+    id_sets = {loc: {settings.organs[n]: per for n, per in prompts.items() if per}
+               for loc, prompts in prompt_sets.items()}
+    timings["segment_s"], seg_stats, predictions = {}, {}, {}
+    for backbone, backend in backends.items():
+        labels_zyx, stats = segment_prompt_sets(backend, view.array, id_sets, windows, settings.box_margin_zyx,
+                                                progress=progress)
+        timings["segment_s"][backbone] = stats["seconds"]
+        seg_stats[backbone] = stats
+        predictions[backbone] = labels_zyx
+
+    t0 = time.perf_counter()
+    for backbone, by_loc in predictions.items():
+        for loc, labels_zyx in by_loc.items():
+            pred = view.to_original(labels_zyx)
+            for name, label_id in present.items():
+                pred_mask, truth_mask = pred == label_id, truth == label_id
+                organs_out[name]["metrics"][pair_name(loc, backbone)] = {
+                    "dsc": _round(dice(pred_mask, truth_mask)),
+                    "hd95": _round(hd95(pred_mask, truth_mask, spacing), 3),
+                    "pred_voxels": int(pred_mask.sum()),
+                }
+    timings["metrics_s"] = round(time.perf_counter() - t0, 3)
+
+    if overlay_dir is not None:
+        from medlsam.evaluation.plots import study_overlays
+
+        t0 = time.perf_counter()
+        study_overlays(Path(overlay_dir) / study.study_id, view, truth_view, present, counted, prompt_sets,
+                       predictions, settings, overlay_slices)
+        timings["overlays_s"] = round(time.perf_counter() - t0, 3)
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+
+    return {
+        "study_id": study.study_id,
+        "image": str(study.image),
+        "label": str(study.label),
+        "settings_key": settings.key(),
+        "shape": list(image.shape),
+        "spacing_mm": [round(float(s), 4) for s in spacing],
+        "organs": organs_out,
+        "segmentation": seg_stats,
+        "timings": timings,
+    }
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def study_result_path(out_dir: Path, study_id: str) -> Path:
+    return Path(out_dir) / "studies" / f"{study_id}.json"
+
+
+def load_finished(out_dir: Path, study_id: str, settings_key: str) -> dict | None:
+    """A finished study's result, None if not finished; ValueError if it used other settings."""
+    path = study_result_path(out_dir, study_id)
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("ignoring unreadable result %s (it will be recomputed)", path)
+        return None
+    if result.get("settings_key") != settings_key:
+        raise ValueError(f"{path} was computed with other evaluation settings (key {result.get('settings_key')} "
+                         f"!= {settings_key}); use another output folder or delete {path.parent}")
+    return result
+
+
+def run_evaluation(queries: Sequence[LabeledStudy], settings: EvalSettings, backends: Mapping[str, Any],
+                   out_dir: Path, localizer=None, overlay_studies: int = 1, overlay_slices: int = 3,
+                   progress: bool = True) -> list[dict]:
+    """Evaluate every query study (skipping finished ones); returns all per-study results."""
+    out_dir = Path(out_dir)
+    missing = [b for b in settings.backbones if b not in backends]
+    if missing:
+        raise ValueError(f"backbone(s) {missing} in the settings but not built")
+    key = settings.key()
+    results, done = [], 0
+    bar = tqdm(queries, desc="eval", unit="study", disable=None if progress else True)
+    for index, study in enumerate(bar):
+        bar.set_postfix_str(study.study_id)
+        finished = load_finished(out_dir, study.study_id, key)
+        if finished is not None:
+            results.append(finished)
+            done += 1
+            continue
+        overlay_dir = out_dir / "overlays" if index < overlay_studies else None
+        result = evaluate_study(study, settings, backends, localizer, overlay_dir, overlay_slices, progress)
+        atomic_write_json(study_result_path(out_dir, study.study_id), result)
+        results.append(result)
+        log.info("%s: %.1f s", study.study_id, result["timings"]["total_s"])
+    if done:
+        log.info("reused %d finished studies from %s", done, out_dir / "studies")
+    return results

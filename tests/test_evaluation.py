@@ -1,0 +1,453 @@
+"""`medlsam eval`: metrics against hand-computed cases, manual boxes, datasets, the runner and the command.
+
+The runner and command tests use tiny generated studies, a small random MedLAM and a box-filling
+stand-in for the SAM backend (it predicts exactly the prompted box), so the expected Dice of a
+prompt can be computed independently on the study grid. The real LiteMedSAM run is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from medlsam import cli
+from medlsam.evaluation import (
+    EvalSettings, box_iou, box_iou_mm, counted_slices, dice, evaluate_study, hd95, manual_slice_boxes, mask_box,
+    pair_studies, perturbed_box, run_evaluation, split_supports, summarize, voxel_box_to_mm,
+)
+from medlsam.evaluation.manual_boxes import organ_rng
+from medlsam.evaluation.report import aggregate, markdown_tables
+from medlsam.evaluation.shared_encoder import SharedEncoder
+from medlsam.medlam.checkpoint import save_medlam
+from medlsam.medlam.localizer import Localizer, LocalizerSettings
+from medlsam.medlam.network import MedLAMConfig, MedLAMNet
+from medlsam.medlam.patches import PatchEmbedder
+from medlsam.medlam.templates import TemplateSet, compute_support
+
+torch.set_num_threads(1)
+
+ORGANS = {"liver": 1, "kidney_left": 3, "urinary_bladder": 11}
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_voxel_box_to_mm_covers_whole_voxels_with_anisotropic_flipped_affine():
+    affine = np.array([[-2.0, 0, 0, 10], [0, 1.0, 0, 20], [0, 0, 3.0, 30], [0, 0, 0, 1]])
+    lo, hi = voxel_box_to_mm([[0, 0, 0], [9, 9, 9]], affine)
+    # x runs backwards: voxel 0 is at 10 mm, voxel 9 at -8 mm; each voxel spans +-1 mm in x
+    np.testing.assert_allclose(lo, [-9.0, 19.5, 28.5])
+    np.testing.assert_allclose(hi, [11.0, 29.5, 58.5])
+
+
+def test_box_iou_of_known_boxes():
+    assert box_iou(([0, 0, 0], [10, 10, 10]), ([5, 0, 0], [15, 10, 10])) == pytest.approx(1 / 3)
+    assert box_iou(([0, 0, 0], [4, 4, 4]), ([1, 1, 1], [3, 3, 3])) == pytest.approx(8 / 64)
+    assert box_iou(([0, 0, 0], [1, 1, 1]), ([2, 0, 0], [3, 1, 1])) == 0.0
+    # voxel boxes 0..9 and 5..14 along i (10 voxels each, overlap 5), any spacing: 500 / 1500
+    affine = np.diag([2.5, 0.7, 4.0, 1.0])
+    assert box_iou_mm([[0, 0, 0], [9, 9, 9]], [[5, 0, 0], [14, 9, 9]], affine) == pytest.approx(1 / 3)
+    # a one-voxel box inside a 3x3x3 box: 1 / 27, whatever the (permuted) axes
+    permuted = np.array([[0, 0, 3.0, 0], [1.5, 0, 0, 0], [0, -0.8, 0, 0], [0, 0, 0, 1]])
+    assert box_iou_mm([[1, 1, 1], [1, 1, 1]], [[0, 0, 0], [2, 2, 2]], permuted) == pytest.approx(1 / 27)
+    with pytest.raises(ValueError, match="voxel box"):
+        voxel_box_to_mm([[0, 0], [1, 1]], affine)
+
+
+def test_dice_and_mask_box():
+    a = np.zeros((4, 5, 6), bool)
+    b = a.copy()
+    a[0, 0, :6] = True
+    a[1, 0, :4] = True  # 10 voxels
+    b[0, 0, 2:6] = True
+    b[2, 1, :2] = True  # 6 voxels, 4 shared with a
+    assert dice(a, b) == pytest.approx(2 * 4 / 16)
+    assert dice(a, a) == 1.0 and dice(a, np.zeros_like(a)) == 0.0
+    assert np.isnan(dice(np.zeros_like(a), np.zeros_like(a)))
+    assert mask_box(b) == [[0, 0, 0], [2, 1, 5]] and mask_box(np.zeros_like(a)) is None
+    with pytest.raises(ValueError, match="shape"):
+        dice(a, b[:3])
+
+
+def test_hd95_single_voxels_with_anisotropic_spacing():
+    a = np.zeros((10, 12, 14), bool)
+    b = a.copy()
+    a[2, 3, 4] = True
+    b[5, 7, 10] = True
+    expected = np.sqrt((3 * 2.5) ** 2 + (4 * 1.0) ** 2 + (6 * 0.7) ** 2)
+    assert hd95(a, b, (2.5, 1.0, 0.7)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hd95_parallel_planes_use_the_spacing_of_the_right_axis():
+    a = np.zeros((12, 20, 20), bool)
+    b = a.copy()
+    a[2] = True
+    b[5] = True
+    assert hd95(a, b, (2.5, 1.0, 1.0)) == pytest.approx(7.5)
+    assert hd95(a, b, (1.0, 2.5, 2.5)) == pytest.approx(3.0)
+
+
+def test_hd95_ignores_the_farthest_5_percent():
+    a = np.zeros((12, 20, 50), bool)
+    a[3, 4, 5:45] = True  # a 40-voxel line: every voxel is surface
+    b = a.copy()
+    b[11, 19, 0] = True  # one outlier (1 of 41 surface voxels)
+    spacing = (2.0, 1.0, 1.0)
+    assert hd95(a, b, spacing) == pytest.approx(0.0)
+    # the maximum is the outlier's distance to the line's first voxel
+    assert hd95(a, b, spacing, percentile=100) == pytest.approx(np.sqrt(16**2 + 15**2 + 5**2), rel=1e-5)
+
+
+def test_hd95_matches_a_brute_force_surface_distance():
+    rng = np.random.default_rng(3)
+    a = ndimage.binary_dilation(rng.random((14, 16, 18)) > 0.97, iterations=2)
+    b = ndimage.binary_dilation(rng.random((14, 16, 18)) > 0.97, iterations=2)
+    spacing = np.array([3.0, 0.8, 1.2])
+
+    def surface_mm(mask):
+        border = mask & ~ndimage.binary_erosion(mask)
+        return np.argwhere(border) * spacing
+
+    d = cdist(surface_mm(a), surface_mm(b))
+    expected = max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
+    assert hd95(a, b, spacing) == pytest.approx(expected, rel=1e-4)
+
+
+def test_hd95_refuses_bad_input_and_is_nan_for_empty_masks():
+    a = np.zeros((4, 4, 4), bool)
+    a[1, 1, 1] = True
+    assert np.isnan(hd95(a, np.zeros_like(a), (1, 1, 1)))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, a, (1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, a, (1, 0, 1))
+
+
+def test_summarize_skips_missing_values():
+    s = summarize([0.5, None, float("nan"), 1.0])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.75) and s["std"] == pytest.approx(0.25)
+    assert summarize([])["n"] == 0
+
+
+# -- manual boxes -------------------------------------------------------------------------------
+def test_perturbed_box_grows_outward_by_0_to_max_and_clips():
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:40] = True
+    rng = np.random.default_rng(0)
+    shifts = []
+    for _ in range(400):
+        y0, x0, y1, x1 = perturbed_box(mask, rng, max_shift_px=6)
+        shifts.append((10 - y0, 30 - x0, y1 - 19, x1 - 39))
+    shifts = np.array(shifts)
+    assert shifts.min() == 0 and shifts.max() == 6  # both ends of 0..6 occur, never beyond
+    assert len(np.unique(shifts[:, 0])) == 7
+    assert perturbed_box(mask, rng, max_shift_px=0) == (10, 30, 19, 39)
+    edge = np.zeros((64, 64), bool)
+    edge[0:5, 60:64] = True
+    y0, x0, y1, x1 = perturbed_box(edge, rng, max_shift_px=20)
+    assert y0 == 0 and x1 == 63
+    with pytest.raises(ValueError, match="empty"):
+        perturbed_box(np.zeros((8, 8), bool), rng)
+
+
+def test_manual_boxes_follow_the_slice_threshold_and_the_1024_pixel_scale():
+    truth = np.zeros((5, 256, 256), bool)
+    truth[1, 100:101, 100:105] = True  # 5 px
+    truth[2, 100:102, 100:105] = True  # 10 px
+    truth[3, 100:111, 100:101] = True  # 11 px
+    truth[4, 50:150, 60:200] = True
+    assert counted_slices(truth, 10) == [3, 4] and counted_slices(truth, 0) == [1, 2, 3, 4]
+    boxes = manual_slice_boxes(truth, np.random.default_rng(1), gt_slice_threshold=10)
+    assert sorted(boxes) == [3, 4]
+    y0, x0, y1, x1 = boxes[4]
+    # 20 px at 1024 is at most 5 px on a 256-pixel slice
+    assert 45 <= y0 <= 50 and 55 <= x0 <= 60 and 149 <= y1 <= 154 and 199 <= x1 <= 204
+    native = [manual_slice_boxes(truth, np.random.default_rng(s), 10, 20, None)[4] for s in range(30)]
+    assert min(b[0] for b in native) < 45  # native pixels: shifts beyond 5 occur
+    with pytest.raises(ValueError):
+        counted_slices(truth, -1)
+
+
+def test_manual_box_draws_do_not_depend_on_processing_order():
+    a = organ_rng(0, "study_a", 3).integers(0, 1000, 5)
+    organ_rng(0, "study_b", 3).integers(0, 1000, 5)
+    assert np.array_equal(a, organ_rng(0, "study_a", 3).integers(0, 1000, 5))
+    assert not np.array_equal(a, organ_rng(1, "study_a", 3).integers(0, 1000, 5))
+
+
+# -- datasets -----------------------------------------------------------------------------------
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_pair_studies_by_name_by_order_and_structseg_ids(tmp_path):
+    for name in ("word_0001", "word_0002"):
+        _touch(tmp_path / "imagesTs" / f"{name}.nii.gz")
+        _touch(tmp_path / "labelsTs" / f"{name}.nii.gz")
+    _touch(tmp_path / "labelsTs" / "extra.nii.gz")
+    pairs = pair_studies([tmp_path / "imagesTs"], [tmp_path / "labelsTs"])
+    assert [p.study_id for p in pairs] == ["word_0001", "word_0002"]
+    assert pairs[1].label == tmp_path / "labelsTs" / "word_0002.nii.gz"
+
+    for k in (1, 2, 3):  # StructSeg: one folder per patient, same file names
+        _touch(tmp_path / "HaN_OAR" / str(k) / "data.nii.gz")
+        _touch(tmp_path / "HaN_OAR" / str(k) / "label.nii.gz")
+    (tmp_path / "images.txt").write_text("\n".join(f"HaN_OAR/{k}/data.nii.gz" for k in (1, 2, 3)))
+    (tmp_path / "labels.txt").write_text("\n".join(f"HaN_OAR/{k}/label.nii.gz" for k in (1, 2, 3)) + "\n")
+    pairs = pair_studies([tmp_path / "images.txt"], [tmp_path / "labels.txt"])
+    assert [p.study_id for p in pairs] == ["1_data", "2_data", "3_data"]
+
+    with pytest.raises(ValueError, match="same file name"):
+        _touch(tmp_path / "imagesTs" / "word_0003.nii.gz")
+        pair_studies([tmp_path / "imagesTs"], [tmp_path / "labelsTs"])
+    with pytest.raises(ValueError, match="pair up"):
+        pair_studies([tmp_path / "images.txt"], [tmp_path / "HaN_OAR" / "1" / "label.nii.gz"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        pair_studies([tmp_path / "nope.nii.gz"], [tmp_path / "HaN_OAR" / "1" / "label.nii.gz"])
+
+
+def test_split_supports(tmp_path):
+    for k in range(6):
+        _touch(tmp_path / "im" / f"s{k}.nii.gz")
+    pairs = pair_studies([tmp_path / "im"], [tmp_path / "im"])
+    supports, queries = split_supports(pairs, 2, seed=4)
+    assert len(supports) == 2 and len(queries) == 4
+    assert {s.study_id for s in supports}.isdisjoint({q.study_id for q in queries})
+    assert split_supports(pairs, 2, seed=4)[0] == supports  # same seed, same draw
+    supports, queries = split_supports(pairs, support_ids=["s0", "s3"])
+    assert [s.study_id for s in supports] == ["s0", "s3"]
+    with pytest.raises(ValueError, match="not among"):
+        split_supports(pairs, support_ids=["s9"])
+    with pytest.raises(ValueError, match="at least one"):
+        split_supports(pairs, 6)
+
+
+# -- runner on tiny generated studies -------------------------------------------------------------
+class BoxFiller:
+    """A stand-in backend: the predicted mask of a box prompt is exactly the box."""
+
+    name = "boxfill"
+    accelerated = False
+    box_decoder = None  # the Segmenter reports whether the decoder is accelerated
+
+    def __init__(self):
+        self.encoder_calls = self.decoder_calls = 0
+        self.encode_seconds = self.decode_seconds = 0.0
+
+    def encode(self, image_255):
+        self.encoder_calls += 1
+        return np.asarray(image_255).shape
+
+    def decode(self, shape, boxes_xyxy, points_xy=None, point_labels=None):
+        self.decoder_calls += 1
+        out = np.full((len(boxes_xyxy), *shape), -10.0, np.float32)
+        for n, (x0, y0, x1, y1) in enumerate(np.asarray(boxes_xyxy, int)):
+            out[n, y0:y1 + 1, x0:x1 + 1] = 10.0
+        return out
+
+
+SMALL = MedLAMConfig(base_channels=4, patch_size=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from medlsam.synthetic import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("evaldata")
+    write_sample_dataset(root, n_studies=4, n_supports=2, seed=0, preset="tiny", progress=False)
+    torch.manual_seed(0)
+    save_medlam(root / "medlam.pt", MedLAMNet(SMALL), SMALL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def localizer(dataset):
+    embedder = PatchEmbedder.from_checkpoint(dataset / "medlam.pt")
+    label_map = json.loads((dataset / "label_map.json").read_text())
+    templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict())
+    for sid in ("synct_0000", "synct_0001"):
+        image = nib.load(str(dataset / "studies" / f"{sid}.nii.gz"))
+        label = nib.load(str(dataset / "ground_truth" / f"{sid}.nii.gz"))
+        templates.add(compute_support(embedder, image, label, label_map, sid, organs=list(ORGANS)), label_map)
+    return Localizer(embedder, templates)
+
+
+@pytest.fixture(scope="module")
+def queries(dataset):
+    pairs = pair_studies([dataset / "studies"], [dataset / "ground_truth"])
+    return [p for p in pairs if p.study_id not in ("synct_0000", "synct_0001")]
+
+
+def _expected_box_dice(study, label_id):
+    """Dice of 'fill each axial slice's tight ground-truth box', computed on the study grid."""
+    label = nib.load(str(study.label))
+    truth = np.asanyarray(label.dataobj) == label_id
+    axial = [i for i, code in enumerate(nib.aff2axcodes(label.affine)) if code in "SI"][0]
+    truth_moved = np.moveaxis(truth, axial, 0)
+    boxes = np.zeros_like(truth_moved)
+    for z in range(truth_moved.shape[0]):
+        box = mask_box(truth_moved[z][None])
+        if box is not None:
+            boxes[z, box[0][1]:box[1][1] + 1, box[0][2]:box[1][2] + 1] = True
+    return dice(boxes, truth_moved), int(boxes.sum())
+
+
+def test_manual_boxes_without_shift_give_the_expected_dice_on_the_study_grid(queries):
+    settings = EvalSettings(organs={"liver": 1, "kidney_left": 3}, localizations=("manual",),
+                            backbones=("boxfill",), max_shift_px=0)
+    for study in queries:
+        result = evaluate_study(study, settings, {"boxfill": BoxFiller()})
+        for name, label_id in settings.organs.items():
+            organ = result["organs"][name]
+            if not organ["in_truth"]:
+                continue
+            expected, voxels = _expected_box_dice(study, label_id)
+            metrics = organ["metrics"]["manual/boxfill"]
+            assert metrics["pred_voxels"] == voxels
+            assert metrics["dsc"] == pytest.approx(expected, abs=1e-4)
+            assert 0.5 < expected < 1.0
+            assert organ["localization"]["manual"]["iou"] == pytest.approx(1.0)  # unshifted: the tight box
+
+
+def test_runner_scores_absent_organs_and_shares_encoder_passes(queries, localizer, tmp_path):
+    settings = EvalSettings(organs=ORGANS, backbones=("boxfill",), seed=0)
+    backend = BoxFiller()
+    results = run_evaluation(queries, settings, {"boxfill": backend}, tmp_path, localizer, overlay_studies=0,
+                             progress=False)
+    assert len(results) == 2 and all((tmp_path / "studies" / f"{q.study_id}.json").exists() for q in queries)
+    for result in results:
+        seg = result["segmentation"]["boxfill"]
+        # one window for these organs: one encoder pass per slice although two localizations prompt it
+        assert seg["encoder_calls"] == seg["slices"] and seg["embeddings_reused"] > 0
+        bladder = result["organs"]["urinary_bladder"]
+        assert not bladder["in_truth"] and bladder["metrics"] == {}  # abdomen/thorax scans: excluded
+        liver = result["organs"]["liver"]
+        assert liver["in_truth"] and 0.0 <= liver["localization"]["medlam"]["iou"] <= 1.0
+        assert liver["localization"]["manual"]["iou"] > 0.6
+
+    summary = aggregate(results, settings)
+    liver = summary["pairs"]["manual/boxfill"]["organs"]["liver"]
+    values = [r["organs"]["liver"]["metrics"]["manual/boxfill"]["dsc"] for r in results]
+    assert liver["dsc"]["mean"] == pytest.approx(np.mean(values)) and liver["n"] == 2
+    assert summary["pairs"]["manual/boxfill"]["organs"]["urinary_bladder"]["n"] == 0
+    assert "| urinary_bladder | - | - |" in markdown_tables(summary)["dsc"]
+
+    # a localizer that finds nothing: present organs count as IoU 0 / DSC 0, absent ones as correct
+    blind = Localizer(localizer.embedder, localizer.templates, LocalizerSettings(presence_threshold=2.0))
+    settings_blind = EvalSettings(organs=ORGANS, localizations=("medlam",), backbones=("boxfill",))
+    results = run_evaluation(queries, settings_blind, {"boxfill": BoxFiller()}, tmp_path / "blind", blind,
+                             overlay_studies=0, progress=False)
+    loc = aggregate(results, settings_blind)["localization"]["medlam"]
+    pair = aggregate(results, settings_blind)["pairs"]["medlam/boxfill"]
+    assert loc["organs"]["liver"]["missed"] == loc["organs"]["liver"]["n"] == 2
+    assert loc["organs"]["liver"]["iou"]["mean"] == 0.0 and pair["organs"]["liver"]["dsc"]["mean"] == 0.0
+    assert pair["organs"]["liver"]["hd95"]["n"] == 0 and pair["organs"]["liver"]["empty_predictions"] == 2
+    assert loc["totals"]["correctly_absent"] == 2 and loc["totals"]["false_alarms"] == 0
+
+
+def test_paper_protocol_only_prompts_slices_with_ground_truth(queries, localizer):
+    study = queries[0]
+    paper = EvalSettings(organs={"liver": 1}, localizations=("medlam",), backbones=("boxfill",))
+    box = EvalSettings(organs={"liver": 1}, localizations=("medlam",), backbones=("boxfill",), eval_slices="box")
+    r_paper = evaluate_study(study, paper, {"boxfill": BoxFiller()}, localizer)
+    r_box = evaluate_study(study, box, {"boxfill": BoxFiller()}, localizer)
+    assert r_paper["organs"]["liver"]["localization"]["medlam"]["status"] == "found"
+    n_paper = r_paper["segmentation"]["boxfill"]["slices"]
+    n_box = r_box["segmentation"]["boxfill"]["slices"]
+    assert n_paper <= r_paper["organs"]["liver"]["counted_slices"] and n_box >= n_paper
+    assert (r_box["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"]
+            >= r_paper["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"])
+    assert r_paper["settings_key"] != r_box["settings_key"]
+
+
+def test_shared_encoder_reuses_identical_slices():
+    backend = BoxFiller()
+    shared = SharedEncoder(backend, capacity=2)
+    a, b, c = np.zeros((4, 4)), np.ones((4, 4)), np.full((4, 4), 2.0)
+    for image in (a, b, a, c, a, b):
+        shared.encode(image)
+    # a miss, b miss, a hit, c miss (evicts b), a hit, b miss
+    assert backend.encoder_calls == 4 and shared.hits == 2 and shared.decoder_calls == 0
+    with pytest.raises(ValueError):
+        SharedEncoder(backend, capacity=0)
+
+
+# -- the command end to end ------------------------------------------------------------------------
+def _eval_args(dataset, out, *extra):
+    return ["eval", "--images", str(dataset / "studies"), "--labels", str(dataset / "ground_truth"),
+            "--label-map", str(dataset / "label_map.json"), "--support-ids", "synct_0000", "synct_0001",
+            "--organs", *ORGANS, "--medlam", str(dataset / "medlam.pt"), "--out", str(out), *extra]
+
+
+def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch, capsys):
+    from medlsam.commands import eval as eval_command
+
+    monkeypatch.setattr(eval_command, "build_backends", lambda names, ck, args: {n: BoxFiller() for n in names})
+    out = tmp_path / "run"
+    assert cli.main(_eval_args(dataset, out)) == 0
+    printed = capsys.readouterr().out
+    assert "| liver |" in printed and "Box IoU" in printed
+    for name in ("report.md", "summary.json", "dsc.csv", "hd95.csv", "iou.csv", "per_study.csv", "timings.csv",
+                 "iou_bars.png", "dsc_bars.png", "hd95_bars.png", "templates.pt",
+                 "studies/synct_0002.json", "studies/synct_0003.json"):
+        assert (out / name).stat().st_size > 0, name
+    overlays = sorted((out / "overlays" / "synct_0002").glob("*.png"))
+    assert overlays and all(p.read_bytes()[:4] == b"\x89PNG" for p in overlays)
+    assert not (out / "overlays" / "synct_0003").exists()  # overlays for the first study only
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_studies"] == 2 and summary["supports"] == ["synct_0000", "synct_0001"]
+    assert set(summary["pairs"]) == {"medlam/litemedsam", "manual/litemedsam"}
+    mean = summary["pairs"]["manual/litemedsam"]["mean_over_organs"]["dsc"]
+    organ_means = [v["dsc"]["mean"] for v in summary["pairs"]["manual/litemedsam"]["organs"].values()
+                   if v["dsc"]["n"]]
+    assert mean == pytest.approx(np.mean(organ_means)) and 0.3 < mean <= 1.0
+    report = (out / "report.md").read_text()
+    assert "## Segmentation: DSC" in report and "MedLAM + litemedsam" in report
+    header = (out / "dsc.csv").read_text().splitlines()[0]
+    assert header.startswith("organ,medlam/litemedsam_dsc_mean,medlam/litemedsam_dsc_std")
+    rows = (out / "per_study.csv").read_text().splitlines()
+    assert len(rows) > 1 and rows[0].startswith("study,organ,in_truth,localization")
+
+    # resume: finished studies are not recomputed; a deleted one is
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "studies").glob("*.json")}
+    (out / "studies" / "synct_0003.json").unlink()
+    assert cli.main(_eval_args(dataset, out)) == 0
+    assert (out / "studies" / "synct_0002.json").stat().st_mtime_ns == stamp["synct_0002.json"]
+    assert (out / "studies" / "synct_0003.json").exists()
+    # other settings in the same folder are refused with a clear message
+    assert cli.main(_eval_args(dataset, out, "--seed", "5")) == 2
+    assert "other evaluation settings" in capsys.readouterr().err
+
+
+def test_command_refuses_bad_input(dataset, tmp_path, capsys):
+    assert cli.main(_eval_args(dataset, tmp_path / "a", "--backbones", "unet")) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    assert cli.main(_eval_args(dataset, tmp_path / "b", "--checkpoint", "medsam")) == 2
+    assert "BACKBONE=PATH" in capsys.readouterr().err
+    args = _eval_args(dataset, tmp_path / "c")
+    args[args.index("--organs") + 1] = "brain"
+    assert cli.main(args) == 2
+    assert "not in the label map" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_litemedsam_with_manual_boxes(dataset, tmp_path):
+    """The default backbone on one tiny study: manual boxes segment the liver well."""
+    out = tmp_path / "real"
+    args = ["eval", "--images", str(dataset / "studies" / "synct_0003.nii.gz"),
+            "--labels", str(dataset / "ground_truth" / "synct_0003.nii.gz"), "--label-map",
+            str(dataset / "label_map.json"), "--organs", "liver", "--localization", "manual",
+            "--overlay-studies", "0", "--out", str(out)]
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    liver = summary["pairs"]["manual/litemedsam"]["organs"]["liver"]
+    assert liver["n"] == 1 and liver["dsc"]["mean"] > 0.8
