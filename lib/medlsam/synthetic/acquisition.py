@@ -39,6 +39,9 @@ SCAN_RANGE_WEIGHTS = (0.5, 0.25, 0.25)
 DRAWN_ORIENTATIONS = ("LPS", "RAS", "LAS", "RPS", "LPI", "RAI", "LAI", "RPI")
 DRAWN_ORIENTATION_WEIGHTS = (0.3, 0.2, 0.2, 0.06, 0.06, 0.06, 0.06, 0.06)
 
+# anatomical frame (x patient left, y anterior, z superior) -> world RAS+ (x right, y anterior, z superior)
+ANAT_TO_RAS = np.diag([-1.0, 1.0, 1.0])
+
 _AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 
 
@@ -78,7 +81,7 @@ class Acquisition:
     slice_thickness: float
     in_plane_size: int
     z_range: tuple[float, float]  # anatomical z covered (mm)
-    rotation: np.ndarray  # patient pose: world = rotation @ anat + translation
+    rotation: np.ndarray  # patient pose: world = rotation @ anat + translation (includes the x mirror)
     translation: np.ndarray
     fov_center_anat: np.ndarray  # anatomical point at the centre of the field of view (x, y)
     noise_std: float

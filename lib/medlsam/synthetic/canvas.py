@@ -1,7 +1,8 @@
 """The voxel canvas a phantom is painted on (canonical RAS grid) and the painting rules.
 
 A subject lives in *anatomical* mm (x patient left, y anterior, z superior); the patient's pose
-(small rotation + translation) maps it to world RAS mm; the canvas grid is axis-aligned in world.
+(the mirror to RAS+, whose x points to the patient's right, a small rotation about the long axis
+and a translation) maps it to world RAS mm; the canvas grid is axis-aligned in world.
 Structures are painted back to front: each paint blends its intensity in with its partial-volume
 occupancy, and where occupancy >= 0.5 it takes the voxel's label (one id per voxel) and,
 optionally, its compartment (which later structures may be restricted to).
@@ -92,7 +93,7 @@ class Canvas:
         self.shape = tuple(int(n) for n in shape)
         self.spacing = np.asarray(spacing, float)
         self.origin = np.asarray(origin, float)  # world mm of voxel (0, 0, 0)
-        self.rot = np.asarray(pose_rotation, float)  # world = rot @ anat + trans
+        self.rot = np.asarray(pose_rotation, float)  # world = rot @ anat + trans (orthogonal)
         if not np.allclose(self.rot[2], [0, 0, 1]) or not np.allclose(self.rot[:, 2], [0, 0, 1]):
             raise ValueError("the patient pose may only rotate about the z axis")
         self.trans = np.asarray(pose_translation, float)

@@ -16,6 +16,12 @@ def _canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return np.asanyarray(can.dataobj), np.asarray(can.header.get_zooms()[:3], float)
 
 
+def _radiological(plane: np.ndarray) -> np.ndarray:
+    """A canonical (RAS) plane [x, second axis] as displayed by radiologists: the patient's right
+    on the viewer's left, the second axis (anterior or superior) up."""
+    return np.flipud(plane[::-1, :].T)
+
+
 def _pick_axial_levels(label: np.ndarray | None, nz: int) -> list[int]:
     """Slices through heart, liver/spleen, kidneys and bladder when present, else evenly spaced."""
     levels = []
@@ -65,10 +71,10 @@ def write_preview(image: nib.Nifti1Image | str | os.PathLike, png_path: str | os
     fig, axes = plt.subplots(1, len(levels) + 1, figsize=(4 * (len(levels) + 1.3), 4.6),
                              gridspec_kw={"width_ratios": [1] * len(levels) + [1.3]})
     for ax, k in zip(axes, levels):
-        ax.imshow(np.flipud(arr[:, :, k].T), cmap="gray", vmin=lo, vmax=hi,
+        ax.imshow(_radiological(arr[:, :, k]), cmap="gray", vmin=lo, vmax=hi,
                   aspect=zooms[1] / zooms[0], interpolation="nearest")
         if lab is not None:
-            sl = np.flipud(lab[:, :, k].T).astype(float)
+            sl = _radiological(lab[:, :, k]).astype(float)
             ax.imshow(np.ma.masked_equal(sl, 0), cmap=cmap, vmin=0, vmax=19, alpha=0.35,
                       aspect=zooms[1] / zooms[0], interpolation="nearest")
         ax.set_title(f"axial {k}", fontsize=9)
@@ -77,11 +83,11 @@ def write_preview(image: nib.Nifti1Image | str | os.PathLike, png_path: str | os
     j = arr.shape[1] // 2
     if lab is not None and np.any(lab):
         j = int(np.median(np.nonzero(np.isin(lab, [3, 4, 1, 17]))[1])) if np.isin(lab, [3, 4, 1, 17]).any() else j
-    ax.imshow(np.flipud(arr[:, j, :].T), cmap="gray", vmin=lo, vmax=hi, aspect=zooms[2] / zooms[0],
+    ax.imshow(_radiological(arr[:, j, :]), cmap="gray", vmin=lo, vmax=hi, aspect=zooms[2] / zooms[0],
               interpolation="nearest")
     present = []
     if lab is not None:
-        sl = np.flipud(lab[:, j, :].T).astype(float)
+        sl = _radiological(lab[:, j, :]).astype(float)
         ax.imshow(np.ma.masked_equal(sl, 0), cmap=cmap, vmin=0, vmax=19, alpha=0.35,
                   aspect=zooms[2] / zooms[0], interpolation="nearest")
         present = [i for i in np.unique(lab) if i in ID_TO_NAME]
