@@ -17,6 +17,7 @@ from monailabel.interfaces.app import MONAILabelApp
 
 from tasks.context import MedLSAMContext
 from tasks.datastore import CheckedLocalDatastore
+from tasks.dicomweb import PacsDatastore, client_result, pacs_datastore
 from tasks.errors import bad_request, client_errors
 from tasks.infer_medlam import MedLAMInfer
 from tasks.infer_medlsam import MedLSAMInfer
@@ -42,8 +43,8 @@ class MedLSAMApp(MONAILabelApp):
 
     # --- MONAI Label hooks ----------------------------------------------------------------------
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+        if self.studies.startswith(("http://", "https://")):  # DICOMweb: final labels are SEGs (tasks/dicomweb.py)
+            return pacs_datastore(self.studies)
         datastore = CheckedLocalDatastore(
             self.studies,
             extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -54,8 +55,10 @@ class MedLSAMApp(MONAILabelApp):
 
     def init_infers(self):
         self.ctx = MedLSAMContext(self.settings, self.datastore())
-        if isinstance(self.datastore(), CheckedLocalDatastore):
+        if isinstance(self.datastore(), (CheckedLocalDatastore, PacsDatastore)):
             self.datastore().validate = self.ctx.validate_final_label
+        if isinstance(self.datastore(), PacsDatastore):
+            self.datastore().label_ids = dict(self.ctx.label_ids)
         self.labels = dict(self.ctx.label_ids)
         return {"medlam": MedLAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "medlsam": MedLSAMInfer(self.ctx)}
 
@@ -91,10 +94,12 @@ class MedLSAMApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str) and image:
             self._check_image_reference(image, datastore or self.datastore())
-        return super().infer(request, datastore)
+        return client_result(super().infer(request, datastore), request)
 
     def _check_image_reference(self, image: str, datastore) -> None:
         """Only datastore ids and uploaded files (server temp folder): never other server paths."""
+        if isinstance(datastore, PacsDatastore) and not os.path.isabs(image):
+            return datastore.check_image(image)  # 404 unknown series, 422 non-CT, 503 PACS down
         if image in datastore.list_images():
             return
         real = os.path.realpath(image)
