@@ -40,11 +40,12 @@ def _check_seed(seed) -> int:
 
 def _table_top(s, acq) -> tuple[float, float]:
     """World y of the table top (just under the patient's most posterior point) and its centre x."""
-    z = np.linspace(*acq.z_range, 40)
+    z = np.linspace(*acq.z_range, 60)
     y = s.profile("muscle_yp", z) - fat_thickness(s, np.zeros_like(z), s.profile("muscle_yp", z), z)
     pts = np.stack([np.zeros_like(z), y, z], axis=1)
     world = pts @ acq.rotation.T + acq.translation
-    return float(world[:, 1].min() - 1.5), float(acq.translation[0])
+    # the back rests on the table along most of its length; what lies deeper is pressed flat
+    return float(np.percentile(world[:, 1], 65)), float(acq.translation[0])
 
 
 def generate_study(seed: int, preset: str = "default", scan_range: str | None = None,

@@ -19,7 +19,7 @@ _PROFILES = {
     # half width, anterior and posterior y of the muscle envelope (skin minus subcutaneous fat)
     "muscle_w": [160, 165, 170, 168, 160, 148, 138, 132, 135, 140, 143, 146, 150, 152, 135, 65, 55],
     "muscle_ya": [70, 75, 85, 95, 105, 110, 112, 112, 110, 110, 112, 108, 98, 88, 75, 40, 40],
-    "muscle_yp": [-110, -115, -120, -118, -105, -80, -68, -66, -76, -90, -102, -108, -106, -98, -88, -50, -45],
+    "muscle_yp": [-110, -115, -120, -118, -105, -88, -82, -80, -86, -95, -104, -108, -106, -98, -88, -50, -45],
     # trunk cavity (inside ribs / abdominal wall; posterior limit in the paravertebral gutters)
     "cavity_w": [0, 40, 55, 62, 98, 115, 116, 113, 118, 124, 127, 127, 120, 98, 55, 0, 0],
     "cavity_ya": [20, 45, 55, 72, 88, 94, 97, 97, 95, 92, 88, 82, 72, 60, 45, 10, 10],

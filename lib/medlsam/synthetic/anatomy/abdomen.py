@@ -39,7 +39,7 @@ def paint_liver(cv: Canvas, s: Subject, hu: TissueHU) -> dict:
     lo = np.array([-170 * s.width, -120 * s.depth, low - 40])
     hi = np.array([130 * s.width, 170 * s.depth, s.dome_right + 10])
     warp = _deformer(s, "liver", lo, hi, 7.0)
-    vessels = LatticeNoise(s.rng("liver_vessels"), lo, hi, 22.0, channels=2)
+    vessels = LatticeNoise(s.rng("liver_vessels"), lo, hi, 17.0, channels=2)
     cysts = rng.random() < 0.25
     portal_v = hu["portal_blood"]
 
@@ -55,7 +55,7 @@ def paint_liver(cv: Canvas, s: Subject, hu: TissueHU) -> dict:
             return None
         value = hu["liver"] + 6 * b.texture("liver", coarse=True) + 4 * b.texture("liver")
         n = b.smooth(lambda x, y, z: vessels(x, y, z), 3.0)
-        v = np.clip((0.09 - np.maximum(np.abs(n[0]), np.abs(n[1]))) / 0.045, 0, 1)
+        v = np.clip((0.12 - np.maximum(np.abs(n[0]), np.abs(n[1]))) / 0.05, 0, 1)
         value = value + v * (portal_v - value)
         if cysts:
             c = b.texture("liver_cyst", coarse=True)

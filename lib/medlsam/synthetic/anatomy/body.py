@@ -59,13 +59,20 @@ def body_lo_hi(s: Subject):
     return lo, hi
 
 
-def paint_body(cv: Canvas, s: Subject, hu: TissueHU) -> None:
+def paint_body(cv: Canvas, s: Subject, hu: TissueHU, table_top_y: float) -> None:
+    """Skin, subcutaneous fat and muscle; the soft tissue lying on the table is pressed flat
+    against it (table_top_y: world y of the table surface)."""
     lo, hi = body_lo_hi(s)
     septa = LatticeNoise(s.rng("fat_septa"), lo, hi, 20.0)
+    planes_field = LatticeNoise(s.rng("muscle_planes"), lo, hi, 34.0)
+
+    def above_table(b, clearance):
+        wy = cv.world_axes(b.i, b.j, b.k)[1].astype(np.float32)[None, :, None]
+        return table_top_y + clearance - wy
 
     def skin_and_fat(b):
         dm = muscle_envelope_distance(s, b.x, b.y, b.z)
-        d = dm - fat_thickness(s, b.x, b.y, b.z)
+        d = np.maximum(dm - fat_thickness(s, b.x, b.y, b.z), above_table(b, 0.5))
         occ = soft_inside(d, b.edge)
         if not occ.any():
             return None
@@ -78,11 +85,12 @@ def paint_body(cv: Canvas, s: Subject, hu: TissueHU) -> None:
 
     def muscle(b):
         d = muscle_envelope_distance(s, b.x, b.y, b.z)
+        d = np.maximum(d, above_table(b, 0.25 * s.fat_mm + 2))
         occ = soft_inside(d, b.edge)
         if not occ.any():
             return None
-        planes = b.smooth(lambda x, y, z: septa(x + 37, y - 23, z + 11)[0], 8.0)
-        fat_plane = np.exp(-(planes / 0.06) ** 2)  # intermuscular fat planes
+        planes = b.smooth(lambda x, y, z: planes_field(x, y, z)[0], 8.0)
+        fat_plane = np.exp(-(planes / 0.07) ** 2)  # fat planes between muscle groups
         value = hu["muscle"] + 8 * b.texture("muscle") + fat_plane * (hu["fat"] - hu["muscle"]) * 0.8
         return occ, value
 
@@ -156,9 +164,9 @@ def paint_table(cv: Canvas, table_top_y: float, center_x: float) -> None:
         top = table_top_y - 0.00045 * dx**2
         depth = top - wy  # mm below the top surface
         inside = (depth > 0) & (depth < 38) & (np.abs(dx) < 230)
-        shell = (depth < 2.0) | (depth > 36.0)
+        shell = (depth < 3.0) | (depth > 35.0)
         occ = np.broadcast_to(inside, b.shape).astype(np.float32)
-        value = np.where(shell, 350.0, -850.0).astype(np.float32)
+        value = np.where(shell, 400.0, -750.0).astype(np.float32)
         value = np.broadcast_to(value, b.shape)
         base = (depth > 70) & (depth < 78) & (np.abs(dx) < 150)
         occ = np.maximum(occ, np.broadcast_to(base, b.shape).astype(np.float32))

@@ -18,7 +18,7 @@ def paint_small_bowel(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     z_lo, z_hi = 70 * s.height, s.level("L1")
     lo = np.array([-140 * s.width, -40 * s.depth, z_lo])
     hi = np.array([140 * s.width, 170 * s.depth, z_hi])
-    loops = LatticeNoise(rng, lo, hi, 16.0, channels=2)
+    loops = LatticeNoise(rng, lo, hi, 30.0, channels=3)
     oral_contrast = rng.random() < 0.3
     lumen_hu = 220.0 if oral_contrast else hu["bowel_fluid"]
 
@@ -30,10 +30,12 @@ def paint_small_bowel(cv: Canvas, s: Subject, hu: TissueHU) -> None:
         if not inside.any():
             return None
         n = b.smooth(lambda x, y, z: loops(x, y, z), 3.0)
-        occ = soft_inside(-n[0] * 30, b.edge) * inside  # loops where the field is positive
-        wall = n[0] < 0.18
+        # loops: tubes along the intersection of two random zero-level surfaces
+        r = np.sqrt(n[0] ** 2 + (0.6 * n[1]) ** 2)
+        occ = soft_inside((r - 0.62) * 40, b.edge) * inside
+        wall = r > 0.52
         lumen = lumen_hu + 8 * b.texture("bowel")
-        lumen = np.where(n[1] > 1.3, hu["air"], lumen)
+        lumen = np.where(n[2] > 1.4, hu["air"], lumen)
         return occ, np.where(wall, hu["bowel_wall"] + 6 * b.texture("bowel_wall"), lumen)
 
     cv.paint(lo, hi, bowel, label=0, allowed=(ABDOMEN,))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..canvas import BODY, BONE, Canvas
-from ..fields import soft_inside
+from ..canvas import BODY, BONE, WALL, Canvas
+from ..fields import smoothstep, soft_inside
 from ..intensities import TissueHU
 from ..labels import LABEL_MAP
 from ..shapes import catmull_rom, curve_bbox, dmax, dmin, ellipse2d, ellipsoid, to_local, tube
@@ -39,6 +39,18 @@ def paint_spine(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     lo = np.array([-60 * s.width, -120 * s.depth, vz[0] - vh[0] - 5])
     hi = np.array([60 * s.width, 40 * s.depth, vz[-1] + vh[-1] + 5])
     mids = 0.5 * (vz[1:] + vz[:-1])
+
+    def ligaments(b):
+        # soft tissue (ligaments, epidural fat-free space) wrapping the column
+        ys = s.spine_y(b.z)
+        d = ellipse2d(b.x, b.y - ys + 24 * s.depth, 27 * s.width, 40 * s.depth)
+        d = np.maximum(d, np.maximum(b.z - vz[-1] - vh[-1], vz[0] - vh[0] - 30 - b.z))
+        occ = soft_inside(d, b.edge)
+        if not occ.any():
+            return None
+        return occ, hu["muscle"] - 5 + 8 * b.texture("ligaments")
+
+    cv.paint(lo, hi, ligaments, label=0, allowed=BODY, set_comp=WALL)
 
     def nearest(b):
         idx = np.searchsorted(mids, b.z)
@@ -106,7 +118,7 @@ def paint_spine(cv: Canvas, s: Subject, hu: TissueHU) -> None:
 def paint_ribs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     """Twelve rib pairs following the inside of the chest wall, sloping down anteriorly."""
     t_levels = np.array([s.level(f"T{i}") for i in range(1, 13)])
-    drop = np.interp(np.arange(12), [0, 5, 11], [35, 80, 60]) * s.height
+    drop = np.interp(np.arange(12), [0, 4, 11], [55, 105, 85]) * s.height
     bone_end = np.array([2.3, 2.35, 2.4, 2.4, 2.4, 2.35, 2.3, 2.1, 2.0, 1.9, 1.55, 1.2])
     cart_end = np.array([2.95, 2.9, 2.85, 2.8, 2.75, 2.7, 2.6, 2.55, 2.45, 2.3, 0, 0])
     half_h = np.interp(np.arange(12), [0, 4, 11], [5.0, 6.5, 5.5])
@@ -127,7 +139,7 @@ def paint_ribs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
         is_cart = np.zeros(x.shape, bool)
         for i in range(12):
             zz = z + drop[i] * 0.5 * (1 - np.cos(phi)) - t_levels[i]
-            d = ellipse2d(r, zz, 5.0, half_h[i])
+            d = ellipse2d(r, zz, 4.2, half_h[i])
             end = np.maximum(bone_end[i], cart_end[i])
             d = np.maximum(d, np.maximum(0.3 - phi, phi - end) * 40)
             better = d < best
@@ -190,7 +202,7 @@ def paint_pelvis(cv: Canvas, s: Subject, hu: TissueHU) -> None:
             a = abs(c[0]) + 10 + 30 * t * s.width
             bb = 70 * s.depth + 10 * t
             yc = c[1] - 30 * t
-            d_shell = np.abs(ellipse2d(b.x, b.y - yc, a, bb)) - (9 - 4 * t)
+            d_shell = np.abs(ellipse2d(b.x, b.y - yc, a, bb)) - (7.5 - 5 * t + 3 * smoothstep(0.85, 1.0, t))
             sector = np.maximum(side * -b.x + 30, b.y - (c[1] + 55 * s.depth - 25 * t))
             back = s.spine_y(b.z) - 5 - b.y
             d = dmax(d_shell, sector, back, b.z - crest + 8 * t * 0, c[2] + 15 - b.z)
@@ -208,7 +220,7 @@ def paint_pelvis(cv: Canvas, s: Subject, hu: TissueHU) -> None:
         tub = np.array([side * 55 * s.width, c[1] - 10, c[2] - 55 * s.height])
         ring = np.array([c + [-side * 18, 22, 8], sym + [0, 0, 8], sym + [0, -6, -22], tub, c + [-side * 8, -20, -10]])
         curve = catmull_rom(ring, 6)
-        radii = np.full(len(curve), 9.0 * s.body_scale())
+        radii = np.full(len(curve), 7.5 * s.body_scale())
 
         def rami(b, curve=curve, radii=radii):
             d, _ = tube(b.x, b.y, b.z, curve, radii)
@@ -223,7 +235,7 @@ def paint_pelvis(cv: Canvas, s: Subject, hu: TissueHU) -> None:
         def acetabulum(b, side=side, c=c):
             lx, ly, lz = to_local(b.x, b.y, b.z, c)
             rad = np.sqrt(lx**2 + ly**2 + lz**2)
-            d = np.maximum(np.abs(rad - r_head - 6.5) - 4.5, (side * lx * 0.6 - lz * 0.8) - 0.25 * r_head)
+            d = np.maximum(np.abs(rad - r_head - 5.5) - 3.5, (side * lx * 0.6 - lz * 0.8) - 0.25 * r_head)
             occ = soft_inside(d, b.edge)
             if not occ.any():
                 return None

@@ -21,14 +21,14 @@ def heart_geometry(s: Subject):
     z = s.dome_left + 62 * s.height + rng.normal(0, 5)
     center = np.array([16 * s.width + rng.normal(0, 5), float(s.spine_y(z)) + 72 * s.depth, z])
     axis = np.array([0.62, 0.48, -0.62]) + rng.normal(0, 0.06, 3)
-    return center, frame_with_axis(axis), np.array([44, 40, 64]) * size
+    return center, frame_with_axis(axis), np.array([50, 46, 70]) * size
 
 
 def paint_lungs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     apex = s.lung_apex
     lo = np.array([-200 * s.width, -150 * s.depth, min(s.dome_left, s.dome_right) - 120])
     hi = np.array([200 * s.width, 160 * s.depth, apex + 5])
-    vessels = LatticeNoise(s.rng("lung_vessels"), lo, hi, 13.0, channels=2)
+    vessels = LatticeNoise(s.rng("lung_vessels"), lo, hi, 10.0, channels=2)
     carina_z = s.level("T5")
 
     for name, side in (("lung_right", -1), ("lung_left", 1)):
@@ -47,7 +47,7 @@ def paint_lungs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
             value = hu["lung"] + 70 * dependent + 18 * b.texture("lung")
             n = b.smooth(lambda x, y, z: vessels(x, y, z), 3.0)
             dist_h = np.sqrt((b.x - hilum[0]) ** 2 + (b.y - hilum[1]) ** 2 + ((b.z - hilum[2]) * 0.8) ** 2)
-            width = 0.035 + 0.16 * np.exp(-dist_h / 55.0)
+            width = 0.12 + 0.25 * np.exp(-dist_h / 60.0)
             v = np.clip((width - np.maximum(np.abs(n[0]), np.abs(n[1]))) / (0.5 * width), 0, 1)
             value = value + v * (hu["lung_vessel"] - value)
             return occ, value
@@ -69,8 +69,9 @@ def paint_mediastinum(cv: Canvas, s: Subject, hu: TissueHU, heart) -> None:
     def fat(b):
         ys = s.spine_y(b.z)
         upper = smoothstep(z_top - 30, z_top, b.z)
-        front = smoothstep(ys + 50, ys + 80, b.y)
-        half = 14 + 18 * upper + 6 * (1 - front)
+        ya = s.profile("cavity_ya", b.z)
+        t = np.clip((b.y - ys - 12) / np.maximum(ya - ys - 12, 1), 0, 1)
+        half = (10 + 22 * upper) * (0.55 + 0.45 * np.sin(np.pi * t)) + 6
         d = np.maximum(np.abs(b.x - 4) - half, ys + 12 - b.y)
         d = np.maximum(d, b.z - (s.lung_apex - 10))
         occ = soft_inside(d, b.edge)
