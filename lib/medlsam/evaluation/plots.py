@@ -10,12 +10,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from medlsam.io import atomic_path  # noqa: E402
 from medlsam.segment import DEFAULT_WINDOWS, apply_window, window_for_organ_name  # noqa: E402
 
 PAIR_LABELS = {"medlam": "MedLAM", "manual": "Manual"}
+_PREDICTION_CMAP = ListedColormap(["orange"])
 
 
 def pretty_pair(pair: str) -> str:
@@ -132,7 +134,8 @@ def organ_overlay(path: Path, organ: str, image_slices: Mapping[int, np.ndarray]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             shown = mask[crop]
             if shown.any():
-                ax.imshow(np.ma.masked_where(~shown, shown), cmap="autumn", alpha=0.45, interpolation="nearest")
+                ax.imshow(np.ma.masked_where(~shown, shown), cmap=_PREDICTION_CMAP, vmin=0, vmax=1, alpha=0.5,
+                          interpolation="nearest")
             if truth[crop].any():
                 ax.contour(truth[crop].astype(float), levels=[0.5], colors="lime", linewidths=0.9)
             if box is not None:

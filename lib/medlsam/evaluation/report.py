@@ -142,10 +142,10 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
         + (f"at {s['shift_reference_px']:g} px scale" if s["shift_reference_px"] else "native px")
         + f"; seed {s['seed']}."
     )
-    for key in ("supports", "medlam_checkpoint"):
-        if summary.get(key):
-            value = summary[key]
-            lines.append(f"{key.replace('_', ' ').capitalize()}: {', '.join(value) if isinstance(value, list) else value}.")
+    if summary.get("supports"):
+        lines.append(f"Supports ({len(summary['supports'])}): {', '.join(summary['supports'])}.")
+    if summary.get("medlam_checkpoint"):
+        lines.append(f"MedLAM checkpoint: `{summary['medlam_checkpoint']}`.")
     lines.append("")
     if "iou" in tables:
         lines += ["## Localization: 3D box IoU (mean ± std)", "",
@@ -170,7 +170,8 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
               + f" (all studies: {_fmt(t['sum_total_s'] / 60.0)} min of this run's study time). "
               "Per-study timings: `timings.csv`.", ""]
     if figures:
-        lines += ["## Figures", ""] + [f"- {name}: `{path}`" for name, path in figures.items()] + [""]
+        lines += ["## Figures", "", "Paths relative to this report's folder.", ""]
+        lines += [f"- {name}: `{path}`" for name, path in figures.items()] + [""]
     return "\n".join(lines)
 
 
@@ -265,9 +266,11 @@ def write_report(results: Sequence[dict], settings: EvalSettings, out_dir: Path,
     out_dir = Path(out_dir)
     summary = aggregate(results, settings, extra)
     figures = summary_plots(summary, out_dir) if plots else {}
-    overlays = sorted(str(p) for p in (out_dir / "overlays").rglob("*.png")) if (out_dir / "overlays").exists() else []
+    figures = {name: str(Path(path).relative_to(out_dir)) for name, path in figures.items()}
+    overlay_dir = out_dir / "overlays"
+    overlays = sorted(str(p.relative_to(out_dir)) for p in overlay_dir.rglob("*.png")) if overlay_dir.exists() else []
     if overlays:
-        figures["overlays"] = str(out_dir / "overlays")
+        figures["overlays"] = "overlays/<study>/<organ>.png"
     summary["files"] = {"figures": figures, "overlays": overlays}
     summary["files"].update(write_csv_tables(summary, results, out_dir))
     summary["markdown"] = markdown_tables(summary)
