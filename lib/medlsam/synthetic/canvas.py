@@ -101,6 +101,7 @@ class Canvas:
         self.image = np.full(self.shape, -1000.0, np.float32)
         self.label = np.zeros(self.shape, np.uint8)
         self.comp = np.zeros(self.shape, np.uint8)
+        self.fields: dict[str, np.ndarray] = {}  # full-grid fields shared between painters
         sig_fine = 0.9 / np.minimum(self.spacing, 3.0) * np.array([1.0, 1.0, 1.0])
         self.tex_fine = periodic_texture(rng, _TEX_SHAPE, np.maximum(sig_fine, 0.6))
         self.tex_coarse = periodic_texture(rng, _TEX_SHAPE, np.maximum(4.0 / self.spacing, 0.8))

@@ -11,7 +11,7 @@ from ..intensities import TissueHU
 from ..labels import LABEL_MAP
 from ..shapes import dmax, dmin, ellipsoid, frame_with_axis, to_local
 from ..subject import Subject
-from .body import cavity_distance
+from .body import cavity_dist
 from .tubes import paint_tube
 
 ORGAN_ALLOWED = (ABDOMEN,)
@@ -46,7 +46,7 @@ def paint_liver(cv: Canvas, s: Subject, hu: TissueHU) -> dict:
     def liver(b):
         x, y, z = warp(b)
         ys = s.spine_y(z)
-        d_cav = cavity_distance(s, b.x, b.y, b.z)
+        d_cav = cavity_dist(b)
         d_inf = liver_inferior_z(s, x, y, low) - z
         x_left = -5 * s.width + 95 * reach * s.width * smoothstep(ys + 20, ys + 105, y)
         d = dmax(d_cav, d_inf, x - x_left)

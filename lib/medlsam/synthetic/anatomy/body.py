@@ -12,6 +12,7 @@ from ..shapes import catmull_rom, curve_bbox, ellipse2d, tube
 from ..subject import Subject
 
 _TRUNK_BOXINESS = 0.45
+TABLE_CURVATURE = 0.00025  # 1/mm: the table top rises this much per mm^2 off its centre line
 
 
 def muscle_envelope_distance(s: Subject, x, y, z):
@@ -59,19 +60,32 @@ def body_lo_hi(s: Subject):
     return lo, hi
 
 
-def paint_body(cv: Canvas, s: Subject, hu: TissueHU, table_top_y: float) -> None:
-    """Skin, subcutaneous fat and muscle; the soft tissue lying on the table is pressed flat
-    against it (table_top_y: world y of the table surface)."""
+def cavity_dist(b) -> np.ndarray:
+    """The trunk-cavity distance of a block, from the canvas cache filled by paint_body."""
+    return b.canvas.fields["cavity"][b.slices]
+
+
+def paint_body(cv: Canvas, s: Subject, hu: TissueHU, table_top_y: float, table_x: float) -> None:
+    """Skin, subcutaneous fat, muscle and the trunk cavity (visceral fat, diaphragm) in one pass.
+
+    Soft tissue lying on the table is pressed flat against it (table_top_y: world y of the table
+    surface at table_x). Sets the compartments later organs are confined to and caches the
+    cavity distance (cavity_dist) for them."""
     lo, hi = body_lo_hi(s)
     septa = LatticeNoise(s.rng("fat_septa"), lo, hi, 20.0)
     planes_field = LatticeNoise(s.rng("muscle_planes"), lo, hi, 34.0)
+    cache = np.full(cv.shape, 1e4, np.float32)  # far outside until computed
+    cv.fields["cavity"] = cache
 
     def above_table(b, clearance):
-        wy = cv.world_axes(b.i, b.j, b.k)[1].astype(np.float32)[None, :, None]
-        return table_top_y + clearance - wy
+        wx, wy, _ = cv.world_axes(b.i, b.j, b.k)
+        dx = (wx - table_x).astype(np.float32)[:, None, None]
+        return table_top_y - TABLE_CURVATURE * dx**2 + clearance - wy.astype(np.float32)[None, :, None]
 
-    def skin_and_fat(b):
+    def trunk(b):
         dm = muscle_envelope_distance(s, b.x, b.y, b.z)
+        dc = cavity_distance(s, b.x, b.y, b.z)
+        cache[b.slices] = dc
         d = np.maximum(dm - fat_thickness(s, b.x, b.y, b.z), above_table(b, 0.5))
         occ = soft_inside(d, b.edge)
         if not occ.any():
@@ -79,45 +93,29 @@ def paint_body(cv: Canvas, s: Subject, hu: TissueHU, table_top_y: float) -> None
         strands = b.smooth(lambda x, y, z: septa(x, y, z)[0], 8.0)
         value = hu["fat"] + 12 * b.texture("fat") + 40 * np.exp(-(strands / 0.08) ** 2)
         value = np.where(d > -2.0, hu["skin"], value)
-        return occ, value
-
-    cv.paint(lo, hi, skin_and_fat, label=0, set_comp=WALL)
-
-    def muscle(b):
-        d = muscle_envelope_distance(s, b.x, b.y, b.z)
-        d = np.maximum(d, above_table(b, 0.25 * s.fat_mm + 2))
-        occ = soft_inside(d, b.edge)
-        if not occ.any():
-            return None
+        # muscle envelope
+        occ_m = soft_inside(np.maximum(dm, above_table(b, 0.25 * s.fat_mm + 2)), b.edge)
         planes = b.smooth(lambda x, y, z: planes_field(x, y, z)[0], 8.0)
         fat_plane = np.exp(-(planes / 0.07) ** 2)  # fat planes between muscle groups
-        value = hu["muscle"] + 8 * b.texture("muscle") + fat_plane * (hu["fat"] - hu["muscle"]) * 0.8
-        return occ, value
-
-    cv.paint(lo, hi, muscle, label=0, allowed=BODY, set_comp=WALL)
-
-
-def paint_cavity(cv: Canvas, s: Subject, hu: TissueHU) -> None:
-    lo, hi = body_lo_hi(s)
-
-    def cavity(b):
-        d = cavity_distance(s, b.x, b.y, b.z)
-        occ = soft_inside(d, b.edge)
-        if not occ.any():
-            return None
-        zd = s.diaphragm_z(b.x, b.y)
-        dz = b.z - zd
-        comp = np.where(dz > 2.5, THORAX, np.where(dz < -2.5, ABDOMEN, WALL)).astype(np.uint8)
-        value = hu["fat"] + 10 * b.texture("visceral_fat")
-        value = np.where(comp == WALL, hu["muscle"], value)
+        muscle = hu["muscle"] + 8 * b.texture("muscle") + fat_plane * (hu["fat"] - hu["muscle"]) * 0.8
+        value = value + occ_m * (muscle - value)
+        # cavity: visceral / mediastinal fat, split by the diaphragm
+        occ_c = soft_inside(dc, b.edge)
+        dz = b.z - s.diaphragm_z(b.x, b.y)
+        cav_comp = np.where(dz > 2.5, THORAX, np.where(dz < -2.5, ABDOMEN, WALL)).astype(np.uint8)
+        cav_value = np.where(cav_comp == WALL, hu["muscle"], hu["fat"] + 10 * b.texture("visceral_fat"))
+        value = value + occ_c * (cav_value - value)
+        comp = np.where(occ_c >= 0.5, cav_comp, np.uint8(WALL))
         return occ, value, comp
 
-    cv.paint(lo, hi, cavity, label=0, allowed=BODY)
+    cv.paint(lo, hi, trunk, label=0)
 
 
 def paint_back_muscles(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     """Erector spinae behind the spine, psoas beside the lumbar spine."""
     lo, hi = body_lo_hi(s)
+    lo = np.array([-80.0, lo[1], lo[2]])
+    hi = np.array([80.0, 40.0, hi[2]])
 
     def erector(b):
         ys = s.spine_y(b.z)
@@ -154,24 +152,25 @@ def paint_back_muscles(cv: Canvas, s: Subject, hu: TissueHU) -> None:
 
 
 def paint_table(cv: Canvas, table_top_y: float, center_x: float) -> None:
-    """A curved carbon-fibre table (thin dense shells around a foam core) under the patient,
-    fixed in world coordinates; it does not move with the patient's pose."""
+    """A curved carbon-fibre table (dense shells around a foam core, a support plate below)
+    under the patient, fixed in world coordinates: it does not move with the patient's pose."""
+    wx, wy, _ = cv.world_axes(np.arange(cv.shape[0]), np.arange(cv.shape[1]), [0])
+    dx = (wx - center_x)[:, None]
+    depth = table_top_y - TABLE_CURVATURE * dx**2 - wy[None, :]  # mm below the top surface
+    w = float(cv.spacing[1])
 
-    def table(b):
-        wx, wy, _ = cv.world_axes(b.i, b.j, b.k)
-        dx = (wx - center_x)[:, None, None].astype(np.float32)
-        wy = wy[None, :, None].astype(np.float32)
-        top = table_top_y - 0.00045 * dx**2
-        depth = top - wy  # mm below the top surface
-        inside = (depth > 0) & (depth < 38) & (np.abs(dx) < 230)
-        shell = (depth < 3.0) | (depth > 35.0)
-        occ = np.broadcast_to(inside, b.shape).astype(np.float32)
-        value = np.where(shell, 400.0, -750.0).astype(np.float32)
-        value = np.broadcast_to(value, b.shape)
-        base = (depth > 70) & (depth < 78) & (np.abs(dx) < 150)
-        occ = np.maximum(occ, np.broadcast_to(base, b.shape).astype(np.float32))
-        value = np.where(np.broadcast_to(base, b.shape), 200.0, value)
-        return occ, value
+    def band(a, b):  # partial-volume occupancy of the layer a < depth < b
+        return np.clip((np.minimum(depth - a, b - depth) + 0.5 * w) / w, 0, 1) * (np.abs(dx) < 230)
 
-    lo = np.array([-1e4, -1e4, -1e4])
-    cv.paint(lo, -lo, table, label=None)
+    slab, base = band(0, 38), band(70, 78) * (np.abs(dx) < 150)
+    shells = np.maximum(band(0, 3), band(35, 38))
+    value = -750 + 1150 * shells
+    occ = np.maximum(slab, base)
+    value = np.where(base > 0, 200.0, value)
+    rows = np.nonzero(occ.any(axis=0))[0]
+    if rows.size == 0:
+        return
+    sl = slice(int(rows[0]), int(rows[-1]) + 1)
+    occ, value = occ[:, sl, None].astype(np.float32), value[:, sl, None].astype(np.float32)
+    img = cv.image[:, sl, :]
+    img += occ * (value - img)

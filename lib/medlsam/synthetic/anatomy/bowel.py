@@ -9,7 +9,7 @@ from ..fields import LatticeNoise, smoothstep, soft_inside
 from ..intensities import TissueHU
 from ..shapes import dmax
 from ..subject import Subject
-from .body import cavity_distance
+from .body import cavity_dist
 from .tubes import paint_tube
 
 
@@ -24,7 +24,7 @@ def paint_small_bowel(cv: Canvas, s: Subject, hu: TissueHU) -> None:
 
     def bowel(b):
         ys = s.spine_y(b.z)
-        region = dmax(cavity_distance(s, b.x, b.y, b.z) + 6, ys + 25 - b.y,
+        region = dmax(cavity_dist(b) + 6, ys + 25 - b.y,
                                     b.z - z_hi, z_lo - b.z)
         inside = soft_inside(region, 10.0)
         if not inside.any():

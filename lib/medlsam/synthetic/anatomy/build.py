@@ -12,8 +12,7 @@ def paint_subject(cv: Canvas, s: Subject, hu: TissueHU, table_top_y: float, tabl
     """Paint the table, body wall, skeleton and organs. Later paints win where they overlap,
     and organs are confined to their cavity, so labels never overlap."""
     body.paint_table(cv, table_top_y, table_x)
-    body.paint_body(cv, s, hu, table_top_y)
-    body.paint_cavity(cv, s, hu)
+    body.paint_body(cv, s, hu, table_top_y, table_x)
     body.paint_back_muscles(cv, s, hu)
     skeleton.paint_spine(cv, s, hu)
     skeleton.paint_ribs(cv, s, hu)

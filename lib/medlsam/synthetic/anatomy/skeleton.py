@@ -11,7 +11,7 @@ from ..intensities import TissueHU
 from ..labels import LABEL_MAP
 from ..shapes import catmull_rom, curve_bbox, dmax, dmin, ellipse2d, ellipsoid, to_local, tube
 from ..subject import VERTEBRAE, Subject
-from .body import cavity_distance, muscle_envelope_distance
+from .body import cavity_dist, muscle_envelope_distance
 
 
 def bone_value(hu: TissueHU, d, tex, cortex_mm: float = 1.5, marrow=None):
@@ -126,7 +126,7 @@ def paint_ribs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     hi = np.array([200 * s.width, 150 * s.depth, t_levels[0] + 25])
 
     def ribs(b):
-        dc = cavity_distance(s, b.x, b.y, b.z) - 7.0  # rib centre line 7 mm outside the cavity
+        dc = cavity_dist(b) - 7.0  # rib centre line 7 mm outside the cavity
         near = np.abs(dc) < 9
         if not near.any():
             return None

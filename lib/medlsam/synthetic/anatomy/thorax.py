@@ -10,7 +10,7 @@ from ..intensities import TissueHU
 from ..labels import LABEL_MAP
 from ..shapes import dmax, dmin, ellipsoid, frame_with_axis, to_local
 from ..subject import Subject
-from .body import cavity_distance
+from .body import cavity_dist
 from .tubes import paint_tube
 
 
@@ -36,7 +36,7 @@ def paint_lungs(cv: Canvas, s: Subject, hu: TissueHU) -> None:
 
         def lung(b, side=side, hilum=hilum):
             ys = s.spine_y(b.z)
-            d = cavity_distance(s, b.x, b.y, b.z)
+            d = cavity_dist(b)
             top = apex - 0.012 * ((np.abs(b.x) - 55 * s.width) ** 2 + (b.y - ys - 30) ** 2)
             d = dmax(d, b.z - top, -side * (b.x - 6))
             occ = soft_inside(d, b.edge)
