@@ -24,6 +24,7 @@ from medlsam.evaluation import (
 )
 from medlsam.evaluation.manual_boxes import organ_rng
 from medlsam.evaluation.report import aggregate, markdown_tables
+from medlsam.evaluation.runner import segment_prompt_sets
 from medlsam.evaluation.shared_encoder import SharedEncoder
 from medlsam.medlam.checkpoint import save_medlam
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
@@ -324,8 +325,8 @@ def test_runner_scores_absent_organs_and_shares_encoder_passes(queries, localize
     assert len(results) == 2 and all((tmp_path / "studies" / f"{q.study_id}.json").exists() for q in queries)
     for result in results:
         seg = result["segmentation"]["boxfill"]
-        # one window for these organs: one encoder pass per slice although two localizations prompt it
-        assert seg["encoder_calls"] == seg["slices"] and seg["embeddings_reused"] > 0
+        # one window for these organs: one encoder pass per slice, whichever localizations prompt it
+        assert seg["encoder_calls"] == seg["slices"]
         bladder = result["organs"]["urinary_bladder"]
         assert not bladder["in_truth"] and bladder["metrics"] == {}  # abdomen/thorax scans: excluded
         liver = result["organs"]["liver"]
@@ -365,6 +366,22 @@ def test_paper_protocol_only_prompts_slices_with_ground_truth(queries, localizer
     assert (r_box["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"]
             >= r_paper["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"])
     assert r_paper["settings_key"] != r_box["settings_key"]
+
+
+def test_prompt_sets_share_one_encoder_pass_per_slice_and_window():
+    volume = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 32, 32), np.float32) * 10  # slices differ
+    medlam = {1: {1: [(2, 2, 10, 10)], 2: [(2, 2, 10, 10)]}, 2: {2: [(20, 20, 30, 30)]}}
+    manual = {1: {2: [(4, 4, 8, 8)], 3: [(4, 4, 8, 8)]}}
+    backend = BoxFiller()
+    labels, stats = segment_prompt_sets(backend, volume, {"medlam": medlam, "manual": manual},
+                                        {1: "default", 2: "default"}, (0, 0, 0))
+    assert stats["slices"] == 3 and backend.encoder_calls == 3 and stats["embeddings_reused"] == 1  # slice 2
+    assert labels["medlam"][2, 25, 25] == 2 and labels["manual"][2, 25, 25] == 0
+    assert labels["manual"][3, 6, 6] == 1 and labels["medlam"][3].max() == 0
+    # another window on the same slice needs its own pass
+    backend = BoxFiller()
+    segment_prompt_sets(backend, volume, {"medlam": medlam, "manual": manual}, {1: "default", 2: "bone"}, (0, 0, 0))
+    assert backend.encoder_calls == 4
 
 
 def test_shared_encoder_reuses_identical_slices():
