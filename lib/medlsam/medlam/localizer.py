@@ -227,7 +227,8 @@ class Localizer:
         corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
         ijk = grid.to_original(corners)
         shape = np.array(grid.study_shape)
-        vlo = np.clip(np.floor(ijk.min(0)), 0, shape - 1).astype(int)
-        vhi = np.clip(np.ceil(ijk.max(0)), 0, shape - 1).astype(int)
-        world = nib.affines.apply_affine(grid.study_affine, ijk)
+        lo_ijk, hi_ijk = np.floor(ijk.min(0)), np.ceil(ijk.max(0))
+        vlo = np.clip(lo_ijk, 0, shape - 1).astype(int)
+        vhi = np.clip(hi_ijk, 0, shape - 1).astype(int)
+        world = nib.affines.apply_affine(grid.study_affine, np.array(np.meshgrid(*zip(lo_ijk, hi_ijk), indexing="ij")).reshape(3, -1).T)
         return [vlo.tolist(), vhi.tolist()], [np.round(world.min(0), 2).tolist(), np.round(world.max(0), 2).tolist()]
