@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "MONAI Label's local datastore layout: OUT/studies/<id>.nii.gz, final labels for the first "
         "SUPPORTS studies in OUT/studies/labels/final/, every label in OUT/ground_truth/, and "
         "OUT/label_map.json. Existing complete studies are kept. With --preview-of, write a PNG "
-        "(axial + coronal slices with the label overlay) of a NIfTI study instead.",
+        "(axial + coronal slices with the label overlay) of a NIfTI study instead, and with --label print "
+        "its per-organ HU table.",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"dataset folder (default {DEFAULT_OUT})")
     p.add_argument("--count", type=int, default=10, help="number of studies (default 10)")
@@ -51,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--preview-of needs --png PATH for the picture")
         path = write_preview(args.preview_of, args.png, label=args.label, title=args.preview_of.name)
         print(f"preview written: {path}")
+        if args.label is not None:
+            from medlsam.io import load_nifti
+            from medlsam.synthetic.report import format_hu_table, organ_hu_table
+
+            rows = organ_hu_table(load_nifti(args.preview_of), load_nifti(args.label, what="label"))
+            print(format_hu_table(rows))
         return 0
     if args.png is not None or args.label is not None:
         raise ValueError("--png and --label only go with --preview-of")

@@ -34,8 +34,8 @@ def liver_inferior_z(s: Subject, x, y, low: float):
 
 def paint_liver(cv: Canvas, s: Subject, hu: TissueHU) -> dict:
     rng = s.rng("liver")
-    low = s.level("L2") - 10 * s.height + rng.normal(0, 12)
-    reach = float(np.clip(rng.normal(1.0, 0.15), 0.7, 1.3))
+    low = s.level("L2") - 28 * s.height + rng.normal(0, 12)
+    reach = float(np.clip(rng.normal(1.05, 0.15), 0.75, 1.35))
     lo = np.array([-170 * s.width, -120 * s.depth, low - 40])
     hi = np.array([130 * s.width, 170 * s.depth, s.dome_right + 10])
     warp = _deformer(s, "liver", lo, hi, 7.0)
@@ -91,14 +91,14 @@ def paint_gallbladder(cv: Canvas, s: Subject, hu: TissueHU, liver_info) -> None:
 def paint_spleen(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     rng = s.rng("spleen")
     size = float(np.clip(rng.normal(1.0, 0.15), 0.7, 1.5)) * s.body_scale()
-    z = s.dome_left - 52 * s.height + rng.normal(0, 8)
+    z = s.dome_left - 78 * s.height + rng.normal(0, 8)
     wc = float(s.profile("cavity_w", z))
     yp = float(s.profile("cavity_yp", z))
-    center = np.array([wc - 38 * size, yp + 48 * s.depth, z])
+    center = np.array([wc - 36 * size, yp + 58 * s.depth, z])
     frame = frame_with_axis([0.3, 0.55, -0.78] + rng.normal(0, 0.08, 3))
     radii = np.array([24, 42, 56]) * size
     medial = np.array([-0.8, 0.45, 0.0])
-    hollow = center + medial * 52 * size
+    hollow = center + medial * 72 * size
     lo, hi = center - 80 * size, center + 80 * size
     warp = _deformer(s, "spleen", lo, hi, 5.0, 30.0)
     arterial = hu.phase == "arterial"
@@ -106,7 +106,7 @@ def paint_spleen(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     def spleen(b):
         x, y, z = warp(b)
         d = ellipsoid(*to_local(x, y, z, center, frame), radii)
-        d = np.maximum(d, 40 * size - np.sqrt((x - hollow[0]) ** 2 + (y - hollow[1]) ** 2 + (z - hollow[2]) ** 2))
+        d = np.maximum(d, 46 * size - np.sqrt((x - hollow[0]) ** 2 + (y - hollow[1]) ** 2 + (z - hollow[2]) ** 2))
         occ = soft_inside(d, b.edge)
         if not occ.any():
             return None
@@ -185,7 +185,7 @@ def kidney_geometry(s: Subject) -> dict:
     for name, side in (("kidney_left", 1), ("kidney_right", -1)):
         size = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2)) * s.body_scale()
         z = base - (14 * s.height if side < 0 else 0) + rng.normal(0, 6)
-        center = np.array([side * 64 * s.width + rng.normal(0, 4), float(s.spine_y(z)) + 6 * s.depth, z])
+        center = np.array([side * 70 * s.width + rng.normal(0, 4), float(s.spine_y(z)) + 6 * s.depth, z])
         axis = np.array([-side * 0.25, -0.22, 1.0]) + rng.normal(0, 0.05, 3)
         axis /= np.linalg.norm(axis)
         hil = np.array([-side * 0.72, 0.7, 0.0])
