@@ -17,7 +17,7 @@ from .intensities import TissueHU
 from .labels import ID_TO_NAME, LABEL_MAP
 from .subject import draw_subject
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass

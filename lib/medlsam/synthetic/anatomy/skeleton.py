@@ -109,7 +109,9 @@ def paint_spine(cv: Canvas, s: Subject, hu: TissueHU) -> None:
         occ = soft_inside(d, b.edge)
         if not occ.any():
             return None
-        return occ, bone_value(hu, d, b.texture("sacrum", coarse=True))
+        value = bone_value(hu, d, b.texture("sacrum", coarse=True))
+        canal = ellipse2d(b.x, b.y - yc + 0.35 * half_d, 3 + 9 * (1 - t), 3 + 3 * (1 - t)) < 0
+        return occ, np.where(canal, hu["csf"], value)
 
     cv.paint(np.array([-60 * s.width, -110, z_bot - 5]), np.array([60 * s.width, 10, z_top + 5]),
              sacrum, label=0, allowed=BODY, set_comp=BONE)
@@ -198,14 +200,19 @@ def paint_pelvis(cv: Canvas, s: Subject, hu: TissueHU) -> None:
     for side, c in ((-1, c_right), (1, c_left)):
         # iliac wing: a curved plate from the sacro-iliac joint round to the anterior spine
         def wing(b, side=side, c=c):
-            t = np.clip((b.z - c[2]) / (crest - c[2]), 0, 1)
+            z_low = c[2] + 0.9 * r_head
+            t = np.clip((b.z - z_low) / (crest - z_low), 0, 1)
             a = abs(c[0]) + 10 + 30 * t * s.width
             bb = 70 * s.depth + 10 * t
             yc = c[1] - 30 * t
-            d_shell = np.abs(ellipse2d(b.x, b.y - yc, a, bb)) - (7.5 - 5 * t + 3 * smoothstep(0.85, 1.0, t))
-            sector = np.maximum(side * -b.x + 30, b.y - (c[1] + 55 * s.depth - 25 * t))
-            back = s.spine_y(b.z) - 5 - b.y
-            d = dmax(d_shell, sector, back, b.z - crest + 8 * t * 0, c[2] + 15 - b.z)
+            half = 3.5 + 3.0 * (1 - t) ** 2 + 4.0 * smoothstep(0.85, 1.0, t)  # thin fossa, thick crest
+            d_shell = np.abs(ellipse2d(b.x, b.y - yc, a, bb)) - half
+            # from the sacro-iliac joint (posterior) round to the anterior superior iliac spine;
+            # low down only the posterior column above the acetabulum remains
+            front = c[1] + (55 * s.depth - 25 * t) * smoothstep(0.0, 0.35, t) - 20 * (1 - smoothstep(0.0, 0.35, t))
+            sector = np.maximum(side * -b.x + 35, b.y - front)
+            back = s.spine_y(b.z) - 22 - b.y
+            d = dmax(d_shell, sector, back, b.z - crest, z_low - b.z)
             occ = soft_inside(d, b.edge)
             if not occ.any():
                 return None
