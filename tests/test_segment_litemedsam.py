@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medlsam.cli import main as cli_main
-from medlsam.segment import Segmenter, boxes_from_labels, build_backend, dice
+from medlsam.segment import Segmenter, boxes_from_labels, build_backend, dice, slice_boxes_from_labels
 
 torch.set_num_threads(2)
 
@@ -55,6 +55,25 @@ def test_phantom_organs_are_segmented_from_their_boxes(fast):
     assert dice(result.labels == 1, labels == 1) >= 0.9
     assert dice(result.labels == 2, labels == 2) >= 0.85
     assert result.stats["encoder_calls"] == 6
+
+
+@pytest.mark.slow
+def test_generated_study_abdominal_organs_from_ground_truth_boxes(fast):
+    """The paper's 'manual box' setting: tight per-slice boxes from the labels, every 4th slice."""
+    from medlsam.geometry import AxialView
+    from medlsam.synthetic import LABEL_MAP, generate_study
+
+    study = generate_study(seed=1, scan_range="abdomen")
+    volume = AxialView.from_nifti(study.image).array
+    truth = AxialView.from_nifti(study.label, dtype=None).array
+    organs = {name: LABEL_MAP[name] for name in ("liver", "spleen", "kidney_left", "kidney_right")}
+    per_slice = slice_boxes_from_labels(truth)
+    boxes = {label: per_slice[label] for label in organs.values()}
+    picks = sorted({z for b in boxes.values() for z in b})[::4]
+    result = Segmenter(fast, progress=False).segment_volume(volume, boxes, slices=picks)
+    assert result.stats["encoder_calls"] == len(picks)
+    scores = {name: dice(result.labels[picks] == label, truth[picks] == label) for name, label in organs.items()}
+    assert min(scores.values()) >= 0.85, scores
 
 
 def test_accelerated_masks_agree_with_eager(eager, fast, onnx_cache):
@@ -133,3 +152,35 @@ def test_segment_command_errors_are_clear(tmp_path, capsys):
     assert cli_main(["segment", image, str(boxes), "-o", out, "--organs", "spleen"]) == 2
     assert "unknown organ" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_bench_command_reports_cache_and_speed(tmp_path, onnx_cache, monkeypatch, capsys):
+    monkeypatch.setenv("MEDLSAM_CACHE_DIR", str(onnx_cache))
+    rng = np.random.default_rng(3)
+    shape = (10, 96, 112)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    volume = np.where(((y - 48) / 44) ** 2 + ((x - 56) / 52) ** 2 < 1, -90.0, -1000.0).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    for k in range(12):  # a 4 x 3 grid of small organs at different heights
+        cy, cx, cz = 24 + (k // 4) * 24, 18 + (k % 4) * 25, rng.uniform(2, 8)
+        labels[((y - cy) / 8) ** 2 + ((x - cx) / 9) ** 2 + ((z - cz) / 2) ** 2 < 1] = k + 1
+    volume[labels > 0] = 40 + 8 * labels[labels > 0]
+    affine = np.diag([-0.9, -0.9, 3.0, 1.0])  # LPS: the (z, y, x) arrays transposed are the study
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).copy(), affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0).copy(), affine), tmp_path / "labels.nii.gz")
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                     "--z-step", "4", "--speed-slices", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cache = report["cache"]
+    covered = sorted({z for k in range(1, 13) for z in np.nonzero((labels == k).any(axis=(1, 2)))[0]
+                      for z in range(max(z - 2, 0), min(z + 3, shape[0]))})
+    subset = set(covered[::4])
+    per_organ = sum(len(subset & set(range(max(zs.min() - 2, 0), min(zs.max() + 3, shape[0]))))
+                    for zs in (np.nonzero((labels == k).any(axis=(1, 2)))[0] for k in range(1, 13)))
+    assert report["organs"] == 12 and cache["with_cache"]["encoder_calls"] == len(subset)
+    assert cache["per_organ_recompute"]["encoder_calls"] == per_organ
+    assert cache["encoder_call_ratio"] == round(per_organ / len(subset), 2) and cache["identical_masks"]
+    assert report["encoder_speed"]["accelerated"] and report["encoder_speed"]["min_dice_eager_vs_accelerated"] >= 0.99
+    assert "encoder calls" in capsys.readouterr().out

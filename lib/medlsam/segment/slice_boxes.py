@@ -123,3 +123,16 @@ def boxes_from_labels(labels_zyx: np.ndarray) -> dict[int, tuple[np.ndarray, np.
         if slices is not None:
             boxes[index] = (np.array([s.start for s in slices]), np.array([s.stop - 1 for s in slices]))
     return boxes
+
+
+def slice_boxes_from_labels(labels_zyx: np.ndarray) -> dict[int, dict[int, Box2D]]:
+    """Tight per-slice 2D boxes {label: {z: (y0, x0, y1, x1)}} of every non-zero label ('manual' boxes)."""
+    out: dict[int, dict[int, Box2D]] = {}
+    for label, (lo, hi) in boxes_from_labels(labels_zyx).items():
+        per_slice = {}
+        for z in range(lo[0], hi[0] + 1):
+            ys, xs = np.nonzero(labels_zyx[z, lo[1]: hi[1] + 1, lo[2]: hi[2] + 1] == label)
+            if len(ys):
+                per_slice[z] = (int(lo[1] + ys.min()), int(lo[2] + xs.min()), int(lo[1] + ys.max()), int(lo[2] + xs.max()))
+        out[label] = per_slice
+    return out
