@@ -63,7 +63,10 @@ def write_sample_dataset(root, n_studies: int, n_supports: int, seed: int = 0, p
               "generator_version": GENERATOR_VERSION}
     manifest = {"params": params, "label_map": LABEL_MAP, "studies": {}}
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{manifest_path} is not valid JSON ({exc}); delete the folder to regenerate") from exc
         if old.get("params") != params:
             raise ValueError(
                 f"{root} already holds a dataset made with {old.get('params')}, not {params}; "
