@@ -59,7 +59,9 @@ class MedLSAMApp(MONAILabelApp):
             self.datastore().validate = self.ctx.validate_final_label
         if isinstance(self.datastore(), PacsDatastore):
             self.datastore().label_ids = dict(self.ctx.label_ids)
-        self.labels = dict(self.ctx.label_ids)
+        # /info `labels` as a list ordered by id: OHIF v3's MONAI Label panel appends to it (a dict
+        # breaks the panel: no models listed); each model's `labels` keeps the {name: id} map
+        self.labels = [name for name, _ in sorted(self.ctx.label_ids.items(), key=lambda kv: kv[1])]
         return {"medlam": MedLAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "medlsam": MedLSAMInfer(self.ctx)}
 
     def init_trainers(self):
