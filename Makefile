@@ -5,13 +5,15 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DATA   ?= sample-datasets
 STUDIES = $(DATA)/studies
+DATASTORE ?= local
+ORTHANC_PORT ?= 8042
 BIN     = $(VENV)/bin
 # 2 shared cores: never let OpenMP threads spin-wait (METHOD section 7).
 export OMP_WAIT_POLICY ?= PASSIVE
 # monailabel's launcher runs `python -m monailabel.main`: the venv must be first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: serve test install sample-data
+.PHONY: serve test install sample-data dicomweb-deps
 
 install: $(VENV)/.installed
 
@@ -28,9 +30,20 @@ $(DATA)/.ready: $(VENV)/.installed
 	$(BIN)/medlsam generate --out $(DATA) --count 12 --supports 5 --preset default --seed 0
 	@touch $@
 
+# DICOMweb mode (docs/DICOMWEB.md): Orthanc + DICOMweb plugin, Chromium (apt), playwright-core (npm),
+# dcmqi (PyPI); each is skipped when already installed.
+dicomweb-deps: install
+	@sh scripts/dicomweb-deps.sh $(BIN) tests/e2e
+
+ifeq ($(DATASTORE),dicomweb)
+serve: install sample-data dicomweb-deps
+	$(BIN)/python scripts/dicomweb.py serve --data $(DATA) --storage build/orthanc \
+		--orthanc-port $(ORTHANC_PORT) --host $(HOST) --port $(PORT)
+else
 serve: install sample-data
 	@echo "MedLSAM MONAI Label server: http://$(HOST):$(PORT)/  (info: http://$(HOST):$(PORT)/info/)"
 	$(BIN)/monailabel start_server --app apps/medlsam --studies $(STUDIES) --host $(HOST) --port $(PORT)
+endif
 
-test: install sample-data
+test: install sample-data dicomweb-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
