@@ -26,7 +26,11 @@ if [ ! -x "$VENV_BIN/itkimage2segimage" ]; then
 fi
 
 if [ ! -f "$E2E_DIR/node_modules/playwright-core/package.json" ]; then
-    command -v npm >/dev/null 2>&1 || { echo "dicomweb-deps: npm is required (apt-get install npm)" >&2; exit 1; }
+    if ! command -v npm >/dev/null 2>&1; then
+        [ "$(id -u)" -eq 0 ] || { echo "dicomweb-deps: npm is required (apt-get install nodejs npm)" >&2; exit 1; }
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
     echo "dicomweb-deps: npm ci in $E2E_DIR (playwright-core)"
     (cd "$E2E_DIR" && npm ci --no-audit --no-fund --silent)
 fi
