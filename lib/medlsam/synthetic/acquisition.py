@@ -138,7 +138,7 @@ def draw_acquisition(s: Subject, seed: int, preset: Preset, scan_range: str | No
     if not (0.2 <= float(in_plane_spacing) <= 20):
         raise ValueError(f"in-plane spacing must be between 0.2 and 20 mm, got {in_plane_spacing}")
     # Anatomical x points to the patient's left, world RAS+ x to the patient's right: mirror x.
-    rot = rotation(yaw_deg=float(np.clip(rng.normal(0, 2.0), -6, 6))) @ np.diag([-1.0, 1.0, 1.0])
+    rot = rotation(yaw_deg=float(np.clip(rng.normal(0, 2.0), -6, 6))) @ ANAT_TO_RAS
     translation = np.array([rng.uniform(-60, 60), rng.uniform(-80, 40), rng.uniform(-1400, -300)])
     fov_center = np.array([rng.normal(0, 8), 10 * s.depth + rng.normal(0, 8)])
     if noise_std is None:
