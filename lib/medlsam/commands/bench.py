@@ -122,8 +122,10 @@ def run(args: argparse.Namespace) -> int:
     subset = covered[:: args.z_step]
 
     # 1. one encoder pass per slice vs one per organ per slice, same slices, same encoder
+    print(f"[1/3] cache: {len(subset)} slices, one encoder pass each", flush=True)
     cached, t_cached, mem_cached, rss_cached = _phase(
         lambda: cached_seg.segment_volume(view.array, boxes, windows, slices=subset))
+    print(f"      done in {t_cached:.1f} s; [2/3] per-organ recompute (reference) on the same slices", flush=True)
     recompute, t_recompute, mem_recompute, rss_recompute = _phase(
         lambda: Segmenter(fast, cache=False).segment_volume(view.array, boxes, windows, slices=subset))
     identical = bool(np.array_equal(cached.labels, recompute.labels))
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. encoder time per slice: eager fp32 vs accelerated, interleaved slice by slice
     picks = [subset[int(i)] for i in np.linspace(0, len(subset) - 1, min(args.speed_slices, len(subset)))]
     picks = sorted(set(picks))
+    print(f"      done in {t_recompute:.1f} s; [3/3] eager vs accelerated on {len(picks)} slices", flush=True)
     seg_eager, seg_fast = Segmenter(eager, progress=False), Segmenter(fast, progress=False)
     eager_times, fast_times, eager_slice, fast_slice = [], [], [], []
     eager_labels = np.zeros_like(cached.labels)
