@@ -33,6 +33,7 @@ class MedLSAMContext:
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()
+        self._final_labels_seen = None  # DICOMweb: the PACS's SEGs last synced (see _sync_new_final_labels)
 
     # --- label map ------------------------------------------------------------------------------
     def _read_label_map(self) -> dict[str, int]:
@@ -94,12 +95,26 @@ class MedLSAMContext:
     # --- models ---------------------------------------------------------------------------------
     def templates(self) -> TemplateSet:
         """Current templates; rebuilt from the datastore first if the MedLAM weights changed."""
+        self._sync_new_final_labels()
         try:
             return self.store.templates()
         except TemplateMismatchError:
             logger.info("MedLAM weights changed: rebuilding the template store")
             self.store.sync(self.support_studies())
             return self.store.templates()
+
+    def _sync_new_final_labels(self) -> None:
+        """DICOMweb: SEGs stored in the PACS by other clients (OHIF's SEG export) join the template
+        store at the next request; the datastore tells when its set of final labels changed."""
+        snapshot = getattr(self.datastore, "final_label_snapshot", None)
+        if snapshot is None:
+            return
+        current = snapshot()
+        if current != self._final_labels_seen:
+            report = self.store.sync(self.support_studies())
+            if report["added"] or report["removed"]:
+                logger.info("template store synced with the PACS: %s", report)
+            self._final_labels_seen = current
 
     def localizer(self, request: dict) -> Localizer:
         settings = LocalizerSettings(mss=str(request.get("mss", "true")).lower() not in ("0", "false", "no"))
