@@ -26,8 +26,10 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from medlsam.dicom import (dataset_files, dicom_layout, read_seg, referenced_series_uid, segment_names,
-                           study_uids, write_ct_series, write_dicom_dataset, write_seg)
+from dicomweb_client import DICOMwebClient
+
+from medlsam.dicom import (dataset_files, derived_uid, dicom_layout, read_seg, referenced_series_uid,
+                           segment_names, study_uids, write_ct_series, write_dicom_dataset, write_seg)
 from medlsam.dicom.orthanc import start_orthanc, upload
 from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import LABEL_MAP, generate_study, write_sample_dataset
@@ -220,7 +222,7 @@ def test_template_store_filled_from_pacs_segs(server, dataset):
 @pytest.mark.slow
 def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     sid = queries(dataset)[0]
-    label_file, params = client(server, dataset).infer("medlsam", series_uid(dataset, sid), {"organs": ["liver"]})
+    label_file, params = client(server, dataset).infer("medlsam", series_uid(dataset, sid), {"organs": ["kidney_left"]})
     label = nib.load(label_file)
     series = read_series_from_dataset(dataset, sid)
     assert label.shape == series.shape
@@ -230,9 +232,9 @@ def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     scores = {name: dice(data == i, gt == i) for name, i in params["label_names"].items()}
     print(f"\n/infer/medlsam on series {series_uid(dataset, sid)} ({sid}): Dice {scores}, "
           f"{params['timings']}")
-    assert set(params["label_names"]) == {"liver"}
-    assert set(np.unique(data)) == {0, LABEL_MAP["liver"]}
-    assert scores["liver"] > 0.5
+    assert params["label_names"] == {"kidney_left": LABEL_MAP["kidney_left"]}
+    assert set(np.unique(data)) == {0, LABEL_MAP["kidney_left"]}
+    assert scores["kidney_left"] > 0.4
 
 
 def read_series_from_dataset(dataset, sid: str) -> nib.Nifti1Image:
@@ -420,6 +422,17 @@ def test_saved_final_label_becomes_a_seg_and_survives_restart(server, dataset, p
     assert referenced_series_uid(pydicom.dcmread(str(seg_path))) == image
     assert report["mapped"] == {"liver": 1, "kidney_left": 3}  # segments named after the organs
     assert np.array_equal(decoded, label)
+    # a SEG stored by another client, as OHIF's SEG export does (STOW-RS through MONAI Label's
+    # DICOMweb proxy), joins the template store at the next request
+    other = queries(dataset)[0]
+    other_label = nib.Nifti1Image(keep_organs(truth(dataset, other)), read_series_from_dataset(dataset, other).affine)
+    ohif_seg = write_seg(other_label, sorted((dataset["root"] / "dicom" / "series" / other).glob("*.dcm")),
+                         LABEL_MAP, dataset["root"] / "ohif-seg.dcm", series_uid=derived_uid(other, "ohif"))
+    DICOMwebClient(url=f"{server}/proxy/dicom/wado").store_instances([ohif_seg])
+    assert len(qido_segs(pacs)) == len(segs_before) + 2
+    assert post_infer(server, "medlam", image, {"organs": "liver"}).status_code == 200
+    organs = httpx.get(f"{server}/info/", timeout=30).json()["templates"]["organs"]
+    assert organs["liver"]["supports"] == 4 and series_uid(dataset, other) in organs["liver"]["study_ids"]
     # a fresh server, with empty caches and no template file, rebuilds the store from the PACS's SEGs
     with mock.patch.dict(os.environ, server_env(dataset["root"], "b")):
         with running_server(pacs.dicomweb_url, server_conf(dataset, "b"), log_path=dataset["root"] / "server-b.log",
@@ -427,8 +440,9 @@ def test_saved_final_label_becomes_a_seg_and_survives_restart(server, dataset, p
             info = httpx.get(f"{url2}/info/", timeout=30).json()
     organs = info["templates"]["organs"]
     print(f"after restart: { {k: v['supports'] for k, v in organs.items()} }, datastore {info['datastore']}")
-    assert organs["liver"]["supports"] == 3 and image in organs["liver"]["study_ids"]
-    assert info["datastore"]["completed"] == 3
+    assert organs["liver"]["supports"] == 4 and image in organs["liver"]["study_ids"]
+    assert organs["kidney_left"]["supports"] == 4
+    assert info["datastore"]["completed"] == 4
 
 
 def orthanc_id(pacs, sop_uid: str) -> str:
@@ -444,8 +458,11 @@ def test_pacs_stopped_mid_session_gives_503_and_server_keeps_serving(server, dat
     image = series_uid(dataset, queries(dataset)[0])
     pacs.stop()
     try:
+        started = time.monotonic()
         response = post_infer(server, "medlam", image, {"organs": "liver"}, timeout=120)
-        print(f"\nPACS stopped: HTTP {response.status_code} {response.text[:200]}")
+        print(f"\nPACS stopped: HTTP {response.status_code} in {time.monotonic() - started:.1f} s: "
+              f"{response.text[:200]}")
+        assert time.monotonic() - started < 30
         assert response.status_code == 503
         assert "not reachable" in response.json()["detail"]
         info = httpx.get(f"{server}/info/", timeout=30)
@@ -453,6 +470,8 @@ def test_pacs_stopped_mid_session_gives_503_and_server_keeps_serving(server, dat
     finally:  # the same storage and port: the session goes on once the PACS is back
         restarted = start_orthanc(pacs.storage_dir, pacs.port)
         pacs.process = restarted.process
+    started = time.monotonic()
     response = post_infer(server, "medlam", image, {"organs": "liver"}, timeout=300)
+    print(f"PACS back: HTTP {response.status_code} in {time.monotonic() - started:.1f} s")
     assert response.status_code == 200, response.text[:300]
     assert len(response.json()["organs"]["liver"]["box_voxel"]) == 2

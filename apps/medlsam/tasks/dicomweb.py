@@ -100,6 +100,7 @@ class PacsDatastore(DICOMWebDatastore):
                                  stow_url_prefix=ml_settings.MONAI_LABEL_STOW_PREFIX)
         self.label_ids: dict[str, int] = {}
         self._seg_refs: dict[str, dict] = {}  # SEG series uid -> {image, study, when} (SEGs never change)
+        self._unusable_segs: dict[str, str] = {}  # SEG series uid -> why it cannot be a label
         self._lists: dict[str, tuple[float, Any]] = {}
         self._lock = threading.RLock()
         self._image_locks: dict[str, threading.Lock] = {}
@@ -150,6 +151,11 @@ class PacsDatastore(DICOMWebDatastore):
             return {image: key[1] for image, key in newest.items()}
 
         return self._cached("segs", compute, fresh)
+
+    @pacs_errors
+    def final_label_snapshot(self) -> tuple:
+        """(image series, newest SEG series) pairs: changes whenever a SEG is stored or removed."""
+        return tuple(sorted(self._seg_index().items()))
 
     @pacs_errors
     def get_labeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
@@ -204,8 +210,18 @@ class PacsDatastore(DICOMWebDatastore):
         if not seg_uid:
             return ""
         out = self._seg_dir / f"{seg_uid}.nii.gz"
+        if seg_uid in self._unusable_segs:
+            return ""
         if not out.exists():
-            self._decode_seg(image, seg_uid, out)
+            try:
+                self._decode_seg(image, seg_uid, out)
+            except HTTPException as exc:
+                if exc.status_code != 422:
+                    raise
+                # one unusable SEG in the PACS must not stop the others (or inference) from working
+                logger.warning("SEG %s of series %s skipped: %s", seg_uid, image, exc.detail)
+                self._unusable_segs[seg_uid] = exc.detail
+                return ""
         return str(out)
 
     def _decode_seg(self, image_id: str, seg_uid: str, out: Path) -> None:
