@@ -24,7 +24,7 @@ from medlsam.evaluation import (
 )
 from medlsam.evaluation.manual_boxes import organ_rng
 from medlsam.evaluation.report import aggregate, markdown_tables
-from medlsam.evaluation.runner import segment_prompt_sets
+from medlsam.evaluation.runner import score_organ, segment_prompt_sets, slice_step
 from medlsam.evaluation.shared_encoder import SharedEncoder
 from medlsam.medlam.checkpoint import save_medlam
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
@@ -301,12 +301,12 @@ def _expected_box_dice(study, label_id):
 
 
 def test_manual_boxes_without_shift_give_the_expected_dice_on_the_study_grid(queries):
-    settings = EvalSettings(organs={"liver": 1, "kidney_left": 3}, localizations=("manual",),
-                            backbones=("boxfill",), max_shift_px=0)
     for study in queries:
-        result = evaluate_study(study, settings, {"boxfill": BoxFiller()})
-        for name, label_id in settings.organs.items():
-            organ = result["organs"][name]
+        for name, label_id in {"liver": 1, "kidney_left": 3}.items():
+            # one organ at a time: boxes of two organs overlapping on a slice would share pixels
+            settings = EvalSettings(organs={name: label_id}, localizations=("manual",), backbones=("boxfill",),
+                                    max_shift_px=0)
+            organ = evaluate_study(study, settings, {"boxfill": BoxFiller()})["organs"][name]
             if not organ["in_truth"]:
                 continue
             expected, voxels = _expected_box_dice(study, label_id)
@@ -353,19 +353,56 @@ def test_runner_scores_absent_organs_and_shares_encoder_passes(queries, localize
     assert loc["totals"]["correctly_absent"] == 2 and loc["totals"]["false_alarms"] == 0
 
 
-def test_paper_protocol_only_prompts_slices_with_ground_truth(queries, localizer):
+class TruthLocalizer:
+    """A stand-in localizer that returns the tight ground-truth box of each organ."""
+
+    def __init__(self, label_path, organs):
+        self.truth = np.asanyarray(nib.load(str(label_path)).dataobj)
+        self.organs = organs
+        self.templates = type("Templates", (), {"supports": {n: [] for n in organs}})()
+
+    def localize(self, image, organs=None, mode="WPL", seed=0, name="image"):
+        return {"mode": mode, "organs": {n: {"id": self.organs[n], "present": True, "confidence": 1.0, "parts": [],
+                                             "box_voxel": mask_box(self.truth == self.organs[n])} for n in organs}}
+
+
+def test_paper_protocol_only_prompts_slices_with_ground_truth(queries):
     study = queries[0]
-    paper = EvalSettings(organs={"liver": 1}, localizations=("medlam",), backbones=("boxfill",))
-    box = EvalSettings(organs={"liver": 1}, localizations=("medlam",), backbones=("boxfill",), eval_slices="box")
+    organs = {"liver": 1}
+    localizer = TruthLocalizer(study.label, organs)
+    paper = EvalSettings(organs=organs, localizations=("medlam",), backbones=("boxfill",))
+    box = EvalSettings(organs=organs, localizations=("medlam",), backbones=("boxfill",), eval_slices="box")
     r_paper = evaluate_study(study, paper, {"boxfill": BoxFiller()}, localizer)
     r_box = evaluate_study(study, box, {"boxfill": BoxFiller()}, localizer)
-    assert r_paper["organs"]["liver"]["localization"]["medlam"]["status"] == "found"
-    n_paper = r_paper["segmentation"]["boxfill"]["slices"]
-    n_box = r_box["segmentation"]["boxfill"]["slices"]
-    assert n_paper <= r_paper["organs"]["liver"]["counted_slices"] and n_box >= n_paper
-    assert (r_box["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"]
-            >= r_paper["organs"]["liver"]["metrics"]["medlam/boxfill"]["pred_voxels"])
+    liver_paper, liver_box = r_paper["organs"]["liver"], r_box["organs"]["liver"]
+    assert liver_paper["localization"]["medlam"]["iou"] == pytest.approx(1.0)
+    # paper: exactly the slices holding the liver; box: those plus the 2-slice margin on each side
+    n_counted = liver_paper["counted_slices"]
+    assert r_paper["segmentation"]["boxfill"]["slices"] == n_counted
+    assert n_counted < r_box["segmentation"]["boxfill"]["slices"] <= n_counted + 4
+    m_paper, m_box = liver_paper["metrics"]["medlam/boxfill"], liver_box["metrics"]["medlam/boxfill"]
+    assert m_box["pred_voxels"] > m_paper["pred_voxels"] and m_box["dsc"] < m_paper["dsc"]
     assert r_paper["settings_key"] != r_box["settings_key"]
+
+
+def test_scoring_skips_uncounted_slices_and_subsamples():
+    truth = np.zeros((10, 8, 8), bool)
+    truth[0:10, 2:6, 2:6] = True  # 16 px per slice
+    pred = np.zeros_like(truth)
+    pred[0:10, 2:6, 2:4] = True  # half of each slice
+    pred[0:2, 2:6, 4:6] = True  # slices 0-1 complete
+    full = score_organ(pred, truth, (2.0, 1.0, 1.0), None, 1)
+    assert full["dsc"] == pytest.approx(2 * 96 / (160 + 96), abs=1e-4)
+    # only slices 2..9 counted (the paper skips the others): 8 * 8 of 8 * 16
+    counted = score_organ(pred, truth, (2.0, 1.0, 1.0), list(range(2, 10)), 1)
+    assert counted["dsc"] == pytest.approx(2 * 64 / (128 + 64), abs=1e-4) and counted["scored_truth_voxels"] == 128
+    # every 3rd slice: 0, 3, 6, 9 -> slice 0 complete, three half slices
+    sub = score_organ(pred, truth, (2.0, 1.0, 1.0), None, 3)
+    assert sub["dsc"] == pytest.approx(2 * (16 + 3 * 8) / (64 + 16 + 3 * 8), abs=1e-4)
+    assert sub["scored_truth_voxels"] == 64
+    # stacked at 3 x 2 mm: two planes 6 mm apart vs the same planes -> HD95 is an in-plane 2 mm
+    assert sub["hd95"] == pytest.approx(2.0)
+    assert slice_step(0, 3.0) == 1 and slice_step(15, 3.0) == 5 and slice_step(2, 5.0) == 1
 
 
 def test_prompt_sets_share_one_encoder_pass_per_slice_and_window():
@@ -382,6 +419,23 @@ def test_prompt_sets_share_one_encoder_pass_per_slice_and_window():
     backend = BoxFiller()
     segment_prompt_sets(backend, volume, {"medlam": medlam, "manual": manual}, {1: "default", 2: "bone"}, (0, 0, 0))
     assert backend.encoder_calls == 4
+
+
+def test_slice_subsampling_prompts_every_kth_slice(queries):
+    study = queries[1]
+    spacing_z = nib.load(str(study.image)).header.get_zooms()[2]  # generated studies are axial
+    full = EvalSettings(organs={"liver": 1}, localizations=("manual",), backbones=("boxfill",))
+    sub = EvalSettings(organs={"liver": 1}, localizations=("manual",), backbones=("boxfill",),
+                       slice_step_mm=2 * spacing_z)
+    r_full = evaluate_study(study, full, {"boxfill": BoxFiller()})
+    r_sub = evaluate_study(study, sub, {"boxfill": BoxFiller()})
+    assert r_sub["slice_step"] == 2 and r_full["slice_step"] == 1
+    n_full, n_sub = r_full["segmentation"]["boxfill"]["slices"], r_sub["segmentation"]["boxfill"]["slices"]
+    assert abs(n_sub - n_full / 2) <= 1
+    m_full, m_sub = r_full["organs"]["liver"]["metrics"]["manual/boxfill"], r_sub["organs"]["liver"]["metrics"][
+        "manual/boxfill"]
+    assert m_sub["scored_truth_voxels"] < m_full["scored_truth_voxels"]
+    assert m_sub["dsc"] == pytest.approx(m_full["dsc"], abs=0.05)  # an estimate of the same Dice
 
 
 def test_shared_encoder_reuses_identical_slices():

@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     method.add_argument("--box-shift", type=float, default=20, help="manual boxes: max outward shift per side (px)")
     method.add_argument("--box-shift-reference", type=float, default=1024,
                         help="image size the shift is measured at (MedSAM: 1024); 0 = native pixels")
+    method.add_argument("--slice-step-mm", type=float, default=0,
+                        help="subsample: prompt and score only axial slices about this many mm apart "
+                        "(0 = every slice; HD95 then becomes approximate)")
     method.add_argument("--seed", type=int, default=0, help="seed of the support draw, RDR crops and box shifts")
     method.add_argument("--no-accelerate", action="store_true", help="eager PyTorch encoder instead of ONNX Runtime")
     method.add_argument("--device", default="cpu")
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         organs=organs, localizations=tuple(args.localization), backbones=tuple(args.backbones), mode=args.mode,
         gt_slice_threshold=args.gt_slice_threshold, eval_slices=args.eval_slices, seed=args.seed,
         max_shift_px=args.box_shift, shift_reference_px=args.box_shift_reference or None,
-        box_margin_zyx=tuple(args.margin),
+        box_margin_zyx=tuple(args.margin), slice_step_mm=args.slice_step_mm,
         extra={k: extra[k] for k in ("supports", "medlam_fingerprint") if k in extra}
         | {"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )

@@ -67,7 +67,7 @@ def aggregate(results: Sequence[dict], settings: EvalSettings, extra: dict | Non
                 "dsc": summarize(m["dsc"] for m in scored),
                 "hd95": summarize(m["hd95"] for m in scored),
                 "n": len(scored),
-                "empty_predictions": sum(1 for m in scored if m["pred_voxels"] == 0),
+                "empty_predictions": sum(1 for m in scored if m["pred_voxels"] == 0 and m["dsc"] is not None),
             }
         summary["pairs"][key] = {
             "localization": loc,
@@ -137,11 +137,17 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
     lines = [f"# {title}", ""]
     lines.append(
         f"{summary['n_studies']} query studies; localization {s['mode']}; "
-        f"slices: {'counted slices only (paper protocol)' if s['eval_slices'] == 'paper' else 'every slice of the box'}, "
-        f"gt_slice_threshold {s['gt_slice_threshold']:g} px; manual boxes: ground truth + U{{0..{s['max_shift_px']:g}}} px "
+        + ("paper protocol: boxes prompted and scores computed only on slices whose ground truth exceeds "
+           if s["eval_slices"] == "paper" else
+           "deployment protocol: MedLAM boxes prompted on every slice of the box, scores over the whole volume; "
+           "manual boxes on slices whose ground truth exceeds ")
+        + f"gt_slice_threshold = {s['gt_slice_threshold']:g} px; manual boxes: ground truth + U{{0..{s['max_shift_px']:g}}} px "
         + (f"at {s['shift_reference_px']:g} px scale" if s["shift_reference_px"] else "native px")
         + f"; seed {s['seed']}."
     )
+    if s.get("slice_step_mm"):
+        lines.append(f"Subsampled: only axial slices about {s['slice_step_mm']:g} mm apart were prompted and scored "
+                     "(DSC is estimated from them; HD95 is computed on the stacked subsample, an approximation).")
     if summary.get("supports"):
         lines.append(f"Supports ({len(summary['supports'])}): {', '.join(summary['supports'])}.")
     if summary.get("medlam_checkpoint"):

@@ -50,6 +50,7 @@ class EvalSettings:
     max_shift_px: float = DEFAULT_MAX_SHIFT_PX
     shift_reference_px: float | None = DEFAULT_SHIFT_REFERENCE_PX
     box_margin_zyx: tuple[int, int, int] = (2, 10, 10)
+    slice_step_mm: float = 0  # > 0: prompt and score only axial slices about this far apart (subsampling)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. weights fingerprints, support ids
 
     def __post_init__(self):
@@ -70,6 +71,8 @@ class EvalSettings:
         if self.gt_slice_threshold < 0:
             raise ValueError(f"gt_slice_threshold must be >= 0 pixels, got {self.gt_slice_threshold}")
         self.box_margin_zyx = tuple(int(m) for m in self.box_margin_zyx)
+        if self.slice_step_mm < 0:
+            raise ValueError(f"slice_step_mm must be >= 0 (0: every slice), got {self.slice_step_mm}")
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -141,6 +144,7 @@ def segment_prompt_sets(backend, volume_zyx: np.ndarray, prompt_sets: Mapping[st
         bar.update(len(chunk))
     bar.close()
     stats = {
+        "accelerated": bool(getattr(backend, "accelerated", False)),
         "slices": len(all_z),
         "encoder_calls": backend.encoder_calls - enc0,
         "decoder_calls": backend.decoder_calls - dec0,
@@ -160,12 +164,42 @@ def _load_pair(study: LabeledStudy):
     if not np.allclose(label.affine, image.affine, atol=1e-3):
         raise ValueError(f"{study.study_id}: label and image have different affines (voxel grids); "
                          "resample the label onto the image first")
-    truth = np.asanyarray(label.dataobj)
+    truth = AxialView.from_nifti(label, dtype=None).array
     if not np.issubdtype(truth.dtype, np.integer):
         if not np.allclose(truth, np.rint(truth)):
             raise ValueError(f"{study.study_id}: label {study.label} holds non-integer values")
         truth = np.rint(truth)
-    return image, label, truth.astype(np.int32)
+    if truth.min() < 0 or truth.max() > 255:
+        raise ValueError(f"{study.study_id}: label ids must be in 0..255, found {truth.min()}..{truth.max()}")
+    return image, truth.astype(np.int32)
+
+
+def slice_step(step_mm: float, spacing_z_mm: float) -> int:
+    """Every how many axial slices to evaluate for a spacing of about `step_mm` (1 = all)."""
+    return 1 if step_mm <= 0 else max(1, int(round(step_mm / spacing_z_mm)))
+
+
+def score_organ(pred_zyx: np.ndarray, truth_zyx: np.ndarray, spacing_zyx, scored_slices: np.ndarray | None,
+                step: int) -> dict:
+    """DSC and HD95 of one organ on the axial view.
+
+    Slices outside `scored_slices` (the paper's skipped slices) are emptied in both masks; with
+    `step` > 1 only every step-th slice is kept and stacked at step times the slice spacing.
+    """
+    if scored_slices is not None:
+        keep = np.zeros(pred_zyx.shape[0], bool)
+        keep[np.asarray(scored_slices, dtype=int)] = True
+        pred_zyx, truth_zyx = pred_zyx & keep[:, None, None], truth_zyx & keep[:, None, None]
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    if step > 1:
+        pred_zyx, truth_zyx = pred_zyx[::step], truth_zyx[::step]
+        spacing = spacing * np.array([step, 1.0, 1.0])
+    return {
+        "dsc": _round(dice(pred_zyx, truth_zyx)),
+        "hd95": _round(hd95(pred_zyx, truth_zyx, spacing), 3),
+        "pred_voxels": int(pred_zyx.sum()),
+        "scored_truth_voxels": int(truth_zyx.sum()),
+    }
 
 
 def _round(value: float | None, digits: int = 4):
@@ -179,15 +213,16 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
                    progress: bool = False) -> dict:
     """Localize, prompt, segment and score one query study; returns its JSON-ready result."""
     t_start = time.perf_counter()
-    image, label, truth = _load_pair(study)
+    image, truth_view = _load_pair(study)
     view = AxialView.from_nifti(image)
-    truth_view = AxialView.from_nifti(label, dtype=None).array
-    truth_view = np.rint(truth_view).astype(np.int32) if not np.issubdtype(truth_view.dtype, np.integer) else truth_view
-    spacing = voxel_spacing(image.affine)
-    counts = np.bincount(truth.ravel().clip(0), minlength=256)
+    step = slice_step(settings.slice_step_mm, view.spacing_zyx[0])
+    counts = np.bincount(truth_view.ravel(), minlength=256)
     present = {n: i for n, i in settings.organs.items() if counts[i] > 0}
     counted = {n: counted_slices(truth_view == i, settings.gt_slice_threshold) for n, i in present.items()}
-    truth_boxes = {n: mask_box(truth == i) for n, i in present.items()}
+    truth_boxes = {}
+    for n, i in present.items():
+        lo, hi = view.box_to_original(*mask_box(truth_view == i))
+        truth_boxes[n] = [lo.tolist(), hi.tolist()]
     timings = {"load_s": round(time.perf_counter() - t_start, 3)}
 
     organs_out: dict[str, dict] = {
@@ -245,8 +280,9 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
 
     # segmentation: per backbone, all localizations share the encoder passes
     windows = {settings.organs[n]: window_for_organ_name(n) for n in settings.organs}
-    id_sets = {loc: {settings.organs[n]: per for n, per in prompts.items() if per}
-               for loc, prompts in prompt_sets.items()}
+    id_sets = {loc: {settings.organs[n]: {z: b for z, b in per.items() if z % step == 0}
+                     for n, per in prompts.items()} for loc, prompts in prompt_sets.items()}
+    id_sets = {loc: {i: per for i, per in prompts.items() if per} for loc, prompts in id_sets.items()}
     timings["segment_s"], seg_stats, predictions = {}, {}, {}
     for backbone, backend in backends.items():
         labels_zyx, stats = segment_prompt_sets(backend, view.array, id_sets, windows, settings.box_margin_zyx,
@@ -258,21 +294,18 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
     t0 = time.perf_counter()
     for backbone, by_loc in predictions.items():
         for loc, labels_zyx in by_loc.items():
-            pred = view.to_original(labels_zyx)
             for name, label_id in present.items():
-                pred_mask, truth_mask = pred == label_id, truth == label_id
-                organs_out[name]["metrics"][pair_name(loc, backbone)] = {
-                    "dsc": _round(dice(pred_mask, truth_mask)),
-                    "hd95": _round(hd95(pred_mask, truth_mask, spacing), 3),
-                    "pred_voxels": int(pred_mask.sum()),
-                }
+                scored = counted[name] if settings.eval_slices == "paper" else None
+                organs_out[name]["metrics"][pair_name(loc, backbone)] = score_organ(
+                    labels_zyx == label_id, truth_view == label_id, view.spacing_zyx, scored, step)
     timings["metrics_s"] = round(time.perf_counter() - t0, 3)
 
     if overlay_dir is not None:
         from medlsam.evaluation.plots import study_overlays
 
         t0 = time.perf_counter()
-        study_overlays(Path(overlay_dir) / study.study_id, view, truth_view, present, counted, prompt_sets,
+        shown = {n: [z for z in zs if z % step == 0] for n, zs in counted.items()}
+        study_overlays(Path(overlay_dir) / study.study_id, view, truth_view, present, shown, prompt_sets,
                        predictions, settings, overlay_slices)
         timings["overlays_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -283,7 +316,8 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
         "label": str(study.label),
         "settings_key": settings.key(),
         "shape": list(image.shape),
-        "spacing_mm": [round(float(s), 4) for s in spacing],
+        "spacing_mm": [round(float(s), 4) for s in voxel_spacing(image.affine)],
+        "slice_step": step,
         "organs": organs_out,
         "segmentation": seg_stats,
         "timings": timings,
