@@ -208,6 +208,47 @@ def _round(value: float | None, digits: int = 4):
     return round(float(value), digits)
 
 
+def _medlam_boxes(image, view: AxialView, study: LabeledStudy, settings: EvalSettings, localizer,
+                  counted: Mapping[str, list[int]]) -> tuple[dict, dict, dict]:
+    """MedLAM prompts, 3D boxes of the organs found, and one status entry per organ."""
+    if localizer is None:
+        raise ValueError("MedLAM localization requested but no localizer was given")
+    with_templates = [n for n in settings.organs if n in localizer.templates.supports]
+    located = localizer.localize(image, organs=with_templates, mode=settings.mode, seed=settings.seed,
+                                 name=study.study_id)["organs"] if with_templates else {}
+    boxes, entries = {}, {}
+    for name in settings.organs:
+        entry = located.get(name)
+        if entry is None:
+            entries[name] = {"status": "no_template"}
+            continue
+        entries[name] = {
+            "status": "found" if entry["present"] else "absent",
+            "confidence": entry.get("confidence"),
+            "box_voxel": entry["box_voxel"],
+            "absent_reason": entry.get("absent_reason"),
+        }
+        if entry["present"]:
+            boxes[name] = entry["box_voxel"]
+    return medlam_prompts(located, view, settings, counted), boxes, entries
+
+
+def _manual_boxes(view: AxialView, truth_view: np.ndarray, study: LabeledStudy, settings: EvalSettings,
+                  present: Mapping[str, int]) -> tuple[dict, dict]:
+    """Simulated manual prompts and the 3D box around each organ's prompts (study voxels)."""
+    prompts, boxes = {}, {}
+    for name, label_id in present.items():
+        rng = organ_rng(settings.seed, study.study_id, label_id)
+        per_slice = manual_slice_boxes(truth_view == label_id, rng, settings.gt_slice_threshold,
+                                       settings.max_shift_px, settings.shift_reference_px)
+        prompts[name] = {z: [b] for z, b in per_slice.items()}
+        extent = boxes_extent(per_slice)
+        if extent is not None:
+            lo, hi = view.box_to_original(*extent)
+            boxes[name] = [lo.tolist(), hi.tolist()]
+    return prompts, boxes
+
+
 def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mapping[str, Any],
                    localizer=None, overlay_dir: Path | None = None, overlay_slices: int = 3,
                    progress: bool = False) -> dict:
@@ -230,45 +271,19 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
             "counted_slices": len(counted.get(n, ())), "localization": {}, "metrics": {}}
         for n, i in settings.organs.items()
     }
-    prompt_sets: dict[str, dict[str, dict]] = {}
-    boxes_3d: dict[str, dict[str, list | None]] = {}
-
+    prompt_sets: dict[str, dict[str, dict]] = {}  # localization -> organ -> {z: [2D boxes]}
+    boxes_3d: dict[str, dict[str, list]] = {}  # localization -> organ -> study voxel box
     if "medlam" in settings.localizations:
-        if localizer is None:
-            raise ValueError("MedLAM localization requested but no localizer was given")
         t0 = time.perf_counter()
-        with_templates = [n for n in settings.organs if n in localizer.templates.supports]
-        located = localizer.localize(image, organs=with_templates, mode=settings.mode, seed=settings.seed,
-                                     name=study.study_id)["organs"] if with_templates else {}
+        prompt_sets["medlam"], boxes_3d["medlam"], entries = _medlam_boxes(image, view, study, settings, localizer,
+                                                                            counted)
         timings["localize_s"] = round(time.perf_counter() - t0, 3)
-        prompt_sets["medlam"] = medlam_prompts(located, view, settings, counted)
-        boxes_3d["medlam"] = {}
-        for name in settings.organs:
-            entry = located.get(name)
-            loc = {"status": "no_template"} if entry is None else {
-                "status": "found" if entry["present"] else "absent",
-                "confidence": entry.get("confidence"),
-                "box_voxel": entry["box_voxel"],
-                "absent_reason": entry.get("absent_reason"),
-            }
-            if entry is not None and entry["present"]:
-                boxes_3d["medlam"][name] = entry["box_voxel"]
-            organs_out[name]["localization"]["medlam"] = loc
-
+        for name, entry in entries.items():
+            organs_out[name]["localization"]["medlam"] = entry
     if "manual" in settings.localizations:
-        prompt_sets["manual"] = {}
-        boxes_3d["manual"] = {}
-        for name, label_id in present.items():
-            rng = organ_rng(settings.seed, study.study_id, label_id)
-            per_slice = manual_slice_boxes(truth_view == label_id, rng, settings.gt_slice_threshold,
-                                           settings.max_shift_px, settings.shift_reference_px)
-            prompt_sets["manual"][name] = {z: [b] for z, b in per_slice.items()}
-            extent = boxes_extent(per_slice)
-            box = None
-            if extent is not None:
-                lo, hi = view.box_to_original(*extent)
-                box = [lo.tolist(), hi.tolist()]
-                boxes_3d["manual"][name] = box
+        prompt_sets["manual"], boxes_3d["manual"] = _manual_boxes(view, truth_view, study, settings, present)
+        for name in present:
+            box = boxes_3d["manual"].get(name)
             organs_out[name]["localization"]["manual"] = {"status": "found" if box else "no_slice", "box_voxel": box}
 
     # box IoU in mm against the tight ground-truth box (organs missing from the truth are not scored)
