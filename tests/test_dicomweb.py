@@ -462,7 +462,7 @@ def test_pacs_stopped_mid_session_gives_503_and_server_keeps_serving(server, dat
         response = post_infer(server, "medlam", image, {"organs": "liver"}, timeout=120)
         print(f"\nPACS stopped: HTTP {response.status_code} in {time.monotonic() - started:.1f} s: "
               f"{response.text[:200]}")
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 10
         assert response.status_code == 503
         assert "not reachable" in response.json()["detail"]
         info = httpx.get(f"{server}/info/", timeout=30)

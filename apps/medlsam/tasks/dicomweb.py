@@ -98,6 +98,9 @@ class PacsDatastore(DICOMWebDatastore):
         client = DICOMwebClientX(url=url, session=None, qido_url_prefix=ml_settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=ml_settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=ml_settings.MONAI_LABEL_STOW_PREFIX)
+        # dicomweb-client retries every failed call 5 times with exponential back-off (30 s for a
+        # PACS that is down); one quick retry keeps a clear 503 quick
+        client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
         self.label_ids: dict[str, int] = {}
         self._seg_refs: dict[str, dict] = {}  # SEG series uid -> {image, study, when} (SEGs never change)
         self._unusable_segs: dict[str, str] = {}  # SEG series uid -> why it cannot be a label
