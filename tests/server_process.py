@@ -71,3 +71,15 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def wait_for_templates(url: str, timeout: float = 900.0) -> dict:
+    """Wait until the app's template store has finished its background update; return /info."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = httpx.get(f"{url}/info/", timeout=30).json()
+        if not info.get("templates", {}).get("updating"):
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"template store still updating after {timeout} s")
+        time.sleep(1.0)

@@ -18,7 +18,7 @@ from monailabel.client import MONAILabelClient
 
 from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import write_sample_dataset
-from server_process import running_server
+from server_process import running_server, wait_for_templates
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -51,6 +51,7 @@ def server(dataset, tmp_path_factory):
         "template_store": model_dir / "templates.pt",
     }
     with running_server(dataset / "studies", conf, log_path=dataset / "server.log") as url:
+        wait_for_templates(url)
         yield {"url": url, "conf": conf, "root": dataset}
 
 
@@ -202,6 +203,6 @@ def test_saving_a_final_label_grows_the_store_and_survives_restart(server):
     assert new_support in after["liver"]["study_ids"]
     # a fresh server on the same store and datastore keeps the grown store
     with running_server(root / "studies", server["conf"], log_path=root / "server2.log") as url2:
-        again = httpx.get(f"{url2}/info/", timeout=30).json()["templates"]["organs"]
+        again = wait_for_templates(url2)["templates"]["organs"]
     assert again["liver"]["supports"] == after["liver"]["supports"]
     assert new_support in again["liver"]["study_ids"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 
 from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
@@ -77,8 +78,15 @@ class MedLSAMApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        report = self.ctx.store.sync(self.ctx.support_studies())
-        logger.info("template store: %s", report)
+        # Templates of new or changed supports are computed in the background so the server answers
+        # at once; infer requests wait for them, /info shows "updating" meanwhile.
+        threading.Thread(target=self._sync_templates, name="template-sync", daemon=True).start()
+
+    def _sync_templates(self):
+        try:
+            logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))
+        except Exception:  # a broken store must not take the server down; requests report it
+            logger.exception("template store sync failed")
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)

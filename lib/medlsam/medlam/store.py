@@ -66,8 +66,9 @@ class TemplateStore:
         self.label_ids = dict(label_ids)
         self.embedders = embedders
         self.max_supports = max_supports
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held for a whole update: readers of templates() wait for it
         self._templates: TemplateSet | None = None
+        self._last_summary: dict = {"organs": {}, "max_supports": max_supports}
 
     # --- state ----------------------------------------------------------------------------------
     def _empty(self, embedder: PatchEmbedder) -> TemplateSet:
@@ -97,14 +98,20 @@ class TemplateStore:
             return templates
 
     def summary(self) -> dict:
-        with self._lock:
+        """Organs with templates and their supports; never waits for a running update."""
+        if not self._lock.acquire(timeout=0.2):
+            return {**self._last_summary, "updating": True}
+        try:
             templates, embedder, stale = self._current()
-            return {
+            self._last_summary = {
                 "organs": templates.summary(),
                 "max_supports": self.max_supports,
                 "weights_fingerprint": embedder.fingerprint,
                 "stale": stale,
             }
+            return {**self._last_summary, "updating": False}
+        finally:
+            self._lock.release()
 
     # --- updates --------------------------------------------------------------------------------
     def add_support(self, study: SupportStudy) -> dict[str, int]:
