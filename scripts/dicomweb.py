@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pydicom_seg").setLevel(logging.WARNING)  # one line per segment and slice range
     return args.func(args)
 
 

@@ -33,7 +33,7 @@ from medlsam.dicom import (dataset_files, derived_uid, dicom_layout, read_seg, r
 from medlsam.dicom.orthanc import start_orthanc, upload
 from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import LABEL_MAP, generate_study, write_sample_dataset
-from server_process import REPO, free_port, running_server
+from server_process import REPO, free_port, running_server, wait_for_templates
 
 ORGANS = ("liver", "kidney_left")  # ids 1 and 3: SEG segments 1 and 2, so names must carry the ids
 MEDLAM = Path(os.environ.get("MEDLSAM_TEST_MEDLAM", DEMO_MEDLAM))
@@ -166,6 +166,7 @@ def server(dataset, pacs):
     with mock.patch.dict(os.environ, server_env(dataset["root"], "a")):
         with running_server(pacs.dicomweb_url, server_conf(dataset, "a"), log_path=dataset["root"] / "server-a.log",
                             timeout=300) as url:
+            wait_for_templates(url)
             yield url
 
 
@@ -437,7 +438,7 @@ def test_saved_final_label_becomes_a_seg_and_survives_restart(server, dataset, p
     with mock.patch.dict(os.environ, server_env(dataset["root"], "b")):
         with running_server(pacs.dicomweb_url, server_conf(dataset, "b"), log_path=dataset["root"] / "server-b.log",
                             timeout=300) as url2:
-            info = httpx.get(f"{url2}/info/", timeout=30).json()
+            info = wait_for_templates(url2)
     organs = info["templates"]["organs"]
     print(f"after restart: { {k: v['supports'] for k, v in organs.items()} }, datastore {info['datastore']}")
     assert organs["liver"]["supports"] == 4 and image in organs["liver"]["study_ids"]
