@@ -126,6 +126,55 @@ def test_seg_refusals(study, tmp_path):
         read_seg(tmp_path / "ok.dcm", study.image, {"brain": 1})
 
 
+# --- the PACS datastore against a real Orthanc (no MONAI Label server) ---------------------------
+def test_pacs_datastore_labels_come_from_the_newest_usable_seg(study, tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
+    from fastapi import HTTPException
+    from tasks import dicomweb
+    from tasks.dicomweb import PacsDatastore
+
+    ref = write_ct_series(study.image, tmp_path / "ct", "synct_pacs")
+    mr = write_ct_series(study.image, tmp_path / "mr", "synct_pacs", modality="MR")
+    full = keep_organs(np.asanyarray(study.label.dataobj))
+    liver_only = keep_organs(full, ("liver",))
+    write_seg(nib.Nifti1Image(full, study.label.affine), ref.files, LABEL_MAP, tmp_path / "old.dcm")
+    write_seg(nib.Nifti1Image(liver_only, study.label.affine), ref.files, LABEL_MAP, tmp_path / "new.dcm",
+              series_uid=derived_uid("synct_pacs", "newer"))
+    # a SEG of organs the label map does not know, newest of all: skipped, not fatal
+    write_seg(nib.Nifti1Image((full > 0).astype(np.uint8), study.label.affine), ref.files, {"brain": 1},
+              tmp_path / "alien.dcm", series_uid=derived_uid("synct_pacs", "alien"))
+    orthanc = start_orthanc(tmp_path / "orthanc", free_port())
+    try:
+        upload(orthanc.url, ref.files + mr.files + [tmp_path / "old.dcm", tmp_path / "new.dcm"])
+        store = PacsDatastore(orthanc.dicomweb_url, cache_path=str(tmp_path / "cache"))
+        store.label_ids = dict(LABEL_MAP)
+        assert store.list_images() == [ref.series_uid]  # CT only
+        assert store.get_labeled_images("final") == [ref.series_uid]
+        label = nib.load(store.get_label_uri(ref.series_uid, "final"))
+        image = nib.load(store.get_image_uri(ref.series_uid))
+        assert label.shape == image.shape and np.allclose(label.affine, image.affine, atol=1e-3)
+        expected = np.asanyarray(dicom_layout(nib.Nifti1Image(liver_only, study.label.affine)).dataobj)
+        assert np.array_equal(np.asanyarray(label.dataobj), expected)  # the newer SEG, liver only
+        upload(orthanc.url, [tmp_path / "alien.dcm"])
+        store._seg_index(fresh=True)
+        assert store.get_label_uri(ref.series_uid, "final") == ""
+        for image_id, status in ((mr.series_uid, 422), ("1.2.3.999", 404)):
+            with pytest.raises(HTTPException) as err:
+                store.check_image(image_id)
+            assert err.value.status_code == status
+        orthanc.stop()
+        started = time.monotonic()
+        with pytest.raises(HTTPException) as err:
+            store.check_image(ref.series_uid + ".9")
+        assert err.value.status_code == 503 and time.monotonic() - started < 5
+        monkeypatch.setattr(dicomweb, "LIST_TTL_S", 0.0)  # no cached series list: /info's counts ask the PACS
+        assert "not reachable" in store.status()["error"]
+    finally:
+        orthanc.stop()
+
+
 # --- Orthanc + MONAI Label ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
