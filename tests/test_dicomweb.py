@@ -317,7 +317,7 @@ def test_nrrd_result_as_ohif_asks_matches_the_nifti(server, dataset):
 def test_sam_with_a_box_on_a_series_uid(server, dataset):
     sid = queries(dataset)[1]
     liver = truth(dataset, sid) == LABEL_MAP["liver"]
-    (i0, j0, k0), (i1, j1, k1) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
+    (i0, j0, _), (i1, j1, _) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
     kc = int(np.argmax(liver.sum((0, 1))))
     roi = [int(i0), int(j0), int(i1), int(j1), kc - 1, kc + 1]
     label_file, params = client(server, dataset).infer("sam", series_uid(dataset, sid), {"roi": roi, "label": "liver"})

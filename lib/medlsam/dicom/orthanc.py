@@ -7,7 +7,6 @@ makes it refuse non-local clients ("RemoteAccessAllowed": false) and keeps its D
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
