@@ -80,13 +80,19 @@ class MedLSAMApp(MONAILabelApp):
         super().on_init_complete()
         # Templates of new or changed supports are computed in the background so the server answers
         # at once; infer requests wait for them, /info shows "updating" meanwhile.
-        threading.Thread(target=self._sync_templates, name="template-sync", daemon=True).start()
+        started = threading.Event()
+        threading.Thread(target=self._sync_templates, args=(started,), name="template-sync", daemon=True).start()
+        started.wait(10)  # the update holds the store's lock before the server answers its first request
 
-    def _sync_templates(self):
-        try:
-            logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))
-        except Exception:  # a broken store must not take the server down; requests report it
-            logger.exception("template store sync failed")
+    def _sync_templates(self, started: threading.Event):
+        # Gathering the supports is part of the update (DICOMweb: SEGs are downloaded and decoded),
+        # so the store's lock is held from the start: /info shows "updating", infers wait.
+        with self.ctx.store._lock:
+            started.set()
+            try:
+                logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))
+            except Exception:  # a broken store must not take the server down; requests report it
+                logger.exception("template store sync failed")
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
