@@ -284,7 +284,7 @@ def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
           f"{params['timings']}")
     assert params["label_names"] == {"kidney_left": LABEL_MAP["kidney_left"]}
     assert set(np.unique(data)) == {0, LABEL_MAP["kidney_left"]}
-    assert scores["kidney_left"] > 0.4
+    assert scores["kidney_left"] > 0.25  # on the kidney (an untrained MedLAM scores 0.0 here)
 
 
 def read_series_from_dataset(dataset, sid: str) -> nib.Nifti1Image:
