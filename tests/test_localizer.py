@@ -176,3 +176,20 @@ def test_demo_weights_flag_organs_outside_the_scan_range():
     assert LABEL_MAP["urinary_bladder"] not in truth and LABEL_MAP["heart"] in truth
     assert organs["urinary_bladder"]["present"] is False
     assert organs["heart"]["present"] is True and organs["lung_left"]["present"] is True
+
+
+def test_ncc_peaks_where_the_template_was_cut():
+    from medlsam.medlam.localizer import _ncc_maps
+    from medlsam.medlam.templates import normalize_intensity
+
+    rng = np.random.default_rng(0)
+    patch = torch.from_numpy(rng.normal(size=(1, 1, 20, 20, 20)).astype(np.float32))
+    at = (7, 12, 9)
+    template = normalize_intensity(patch[:, :, at[0] - 2:at[0] + 3, at[1] - 2:at[1] + 3, at[2] - 2:at[2] + 3].clone())
+    ncc = _ncc_maps(patch, template)[0]
+    assert tuple(np.unravel_index(int(ncc.argmax()), ncc.shape)) == at
+    assert float(ncc.max()) == pytest.approx(1.0, abs=1e-4)
+    assert float(ncc.abs().max()) <= 1.0 + 1e-4
+    # brighter and offset intensities do not change the match (normalised), away from the zero padding
+    inner = (slice(2, -2),) * 3
+    assert torch.allclose(_ncc_maps(3 * patch + 5, template)[0][inner], ncc[inner], atol=1e-3)

@@ -20,6 +20,7 @@ class LocalizerSettings:
     rdr_steps: int = 2  # further steps re-crop at the current estimate (offsets are most accurate near 0)
     mss: bool = True
     mss_search_fraction: float = 0.25  # MSS may move a point by at most this fraction of the patch
+    intensity_weight: float = 1.0  # weight of the image's own NCC beside the (3) feature levels
     presence_threshold: float = 0.25  # minimum mean MSS peak similarity of a present organ
     min_fraction_inside: float = 0.5  # minimum fraction of the box inside the scan for a present organ
     size_prior: bool = True  # replace implausible box sizes (x0.5 .. x2 of the supports) by the supports'
@@ -39,12 +40,33 @@ def _rdr_estimate(embedder: PatchEmbedder, grid: MedLAMGrid, centres: np.ndarray
     return estimates.mean(axis=1)
 
 
-def _mss_refine(embedder: PatchEmbedder, grid: MedLAMGrid, points: np.ndarray,
-                templates: PointSet, search_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Move each point to the best multi-scale feature match near it; return points and peak similarity."""
+def _ncc_maps(patches: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation of each patch [P, 1, D, H, W] with its own zero-mean, unit-norm
+    template [P, 1, n, n, n]; 'same'-size maps [P, D, H, W] in [-1, 1]."""
+    n = templates.shape[-1]
+    count = float(n**3)
+    p = len(patches)
+    flat = patches.reshape(1, p, *patches.shape[2:])
+    numerator = F.conv3d(flat, templates, padding=n // 2, groups=p)[0]
+    box = torch.ones((p, 1, n, n, n))
+    mean = F.conv3d(flat, box, padding=n // 2, groups=p)[0] / count
+    mean_sq = F.conv3d(flat**2, box, padding=n // 2, groups=p)[0] / count
+    norm = torch.sqrt((mean_sq - mean**2).clamp_min(0.0) * count)
+    # flat (e.g. all-air) regions match nothing
+    return torch.where(norm > 1e-3, numerator / norm.clamp_min(1e-3), torch.zeros_like(numerator))
+
+
+def _mss_refine(embedder: PatchEmbedder, grid: MedLAMGrid, points: np.ndarray, templates: PointSet,
+                search_fraction: float, intensity_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Move each point to the best multi-scale match near it; return points and peak similarity.
+
+    The score averages the feature similarity of each decoder level (cosine, over the template
+    window) and, with `intensity_weight`, the normalised cross-correlation of the image itself.
+    """
     patch = np.asarray(embedder.patch_size)
     centres = np.rint(points)
-    embedding = embedder(extract_patches(grid.array, centres, patch), features=True)
+    patches = extract_patches(grid.array, centres, patch)
+    embedding = embedder(patches, features=True)
     total = torch.zeros((len(points), *patch))
     for level, feats in enumerate(embedding.features):
         kernels = templates.windows[level]  # [P, C, w, w, w]
@@ -53,7 +75,11 @@ def _mss_refine(embedder: PatchEmbedder, grid: MedLAMGrid, points: np.ndarray,
         sim = F.conv3d(feats.reshape(1, -1, *feats.shape[2:]), kernels, padding=w // 2, groups=len(points))
         sim = sim[0] / float(w**3)
         total += F.interpolate(sim[:, None], size=tuple(patch), mode="trilinear", align_corners=False)[:, 0]
-    total /= len(embedding.features)
+    weights = float(len(embedding.features))
+    if intensity_weight > 0:
+        total += intensity_weight * _ncc_maps(torch.from_numpy(patches)[:, None], templates.intensity)
+        weights += intensity_weight
+    total /= weights
     # restrict the search to a box around the coarse point
     radius = np.maximum(1, (patch * search_fraction).astype(int))
     half = patch // 2
@@ -132,10 +158,8 @@ class Localizer:
             sets.append((n, -1, t.wpl))
             if mode == "SPL":
                 sets.extend((n, k, part) for k, part in enumerate(t.spl))
-        latents = torch.cat([s[2].latents for s in sets]).numpy()
-        windows = [torch.cat([s[2].windows[level] for s in sets]) for level in range(len(sets[0][2].windows))]
-
-        points, similarity = self._locate(grid, latents, PointSet(torch.from_numpy(latents), windows), seed)
+        all_points = PointSet.concat([s[2] for s in sets])
+        points, similarity = self._locate(grid, all_points.latents.numpy(), all_points, seed)
 
         result = {"mode": mode, "organs": {}}
         cursor = 0
@@ -169,8 +193,8 @@ class Localizer:
             inside = np.all((points >= 0) & (points <= valid - 1), axis=1)
             if inside.any():
                 idx = np.flatnonzero(inside)
-                sub = PointSet(templates.latents[idx], [w[idx] for w in templates.windows])
-                refined, peak = _mss_refine(self.embedder, grid, points[idx], sub, s.mss_search_fraction)
+                refined, peak = _mss_refine(self.embedder, grid, points[idx], templates.subset(idx),
+                                            s.mss_search_fraction, s.intensity_weight)
                 points[idx] = refined
                 similarity[idx] = peak
         return points, similarity

@@ -24,11 +24,12 @@ from medlsam.io import atomic_path
 from medlsam.medlam.patches import PatchEmbedder, extract_patches, feature_windows
 
 FORMAT = "medlsam-templates"
-VERSION = 1
+VERSION = 2  # 2: intensity windows
 # Order of the six extreme points everywhere in this package.
 EXTREME_POINTS = ("z_min", "z_max", "y_min", "y_max", "x_min", "x_max")
 DEFAULT_WINDOW_SIZES = (3, 3, 5)  # feature window per level (1/4, 1/2, full resolution)
 MAX_SPL_PARTS = 6
+INTENSITY_WINDOW_MM = 54.0  # intensity patch compared by normalised cross-correlation in the MSS search
 
 
 class TemplateMismatchError(ValueError):
@@ -37,17 +38,32 @@ class TemplateMismatchError(ValueError):
 
 @dataclass
 class PointSet:
-    """Latents [P, 3] and per-level feature windows [P, C, w, w, w] of P points."""
+    """Latents [P, 3], per-level feature windows [P, C, w, w, w] and intensity windows
+    [P, 1, n, n, n] (zero mean, unit norm: for normalised cross-correlation) of P points."""
 
     latents: torch.Tensor
     windows: list[torch.Tensor]
+    intensity: torch.Tensor
 
     def to_dict(self) -> dict:
-        return {"latents": self.latents.float(), "windows": [w.half() for w in self.windows]}
+        return {"latents": self.latents.float(), "windows": [w.half() for w in self.windows],
+                "intensity": self.intensity.half()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PointSet":
-        return cls(latents=d["latents"].float(), windows=[w.float() for w in d["windows"]])
+        return cls(latents=d["latents"].float(), windows=[w.float() for w in d["windows"]],
+                   intensity=d["intensity"].float())
+
+    def subset(self, index) -> "PointSet":
+        return PointSet(self.latents[index], [w[index] for w in self.windows], self.intensity[index])
+
+    @staticmethod
+    def concat(sets: list["PointSet"]) -> "PointSet":
+        return PointSet(
+            torch.cat([s.latents for s in sets]),
+            [torch.cat([s.windows[level] for s in sets]) for level in range(len(sets[0].windows))],
+            torch.cat([s.intensity for s in sets]),
+        )
 
 
 @dataclass
@@ -98,7 +114,20 @@ def _average(point_sets: list[PointSet]) -> PointSet:
         F.normalize(torch.stack([p.windows[level] for p in point_sets]).mean(0), dim=1)
         for level in range(len(point_sets[0].windows))
     ]
-    return PointSet(latents=latents, windows=windows)
+    intensity = normalize_intensity(torch.stack([p.intensity for p in point_sets]).mean(0))
+    return PointSet(latents=latents, windows=windows, intensity=intensity)
+
+
+def normalize_intensity(windows: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit L2 norm per window [P, 1, n, n, n] (flat windows stay zero)."""
+    centred = windows - windows.mean(dim=(1, 2, 3, 4), keepdim=True)
+    return centred / centred.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None, None, None]
+
+
+def intensity_window_size(spacing_mm, window_mm: float = INTENSITY_WINDOW_MM) -> int:
+    """Odd number of grid voxels covering about `window_mm` (at the smallest spacing)."""
+    n = int(round(window_mm / float(min(spacing_mm))))
+    return max(3, n + (n + 1) % 2)
 
 
 class TemplateSet:
@@ -283,9 +312,14 @@ def compute_support(
         point_groups.append((name, extreme_points(pts), extent, spl_parts(pts, grid.spacing_mm[0], spl_interval_mm)))
 
     all_points = np.concatenate([np.concatenate([g[1], *g[3]]) for g in point_groups])
-    embedding = embedder(extract_patches(grid.array, all_points, config.patch_size), features=True)
+    patches = extract_patches(grid.array, all_points, config.patch_size)
+    embedding = embedder(patches, features=True)
     windows = feature_windows(embedding.features, window_sizes, config.patch_size)
     latents = torch.from_numpy(embedding.latent)
+    n = intensity_window_size(config.spacing_mm)
+    lo = np.asarray(config.patch_size) // 2 - n // 2
+    intensity = normalize_intensity(torch.from_numpy(
+        patches[:, None, lo[0]:lo[0] + n, lo[1]:lo[1] + n, lo[2]:lo[2] + n].copy()))
 
     out, start = {}, 0
 
@@ -293,7 +327,8 @@ def compute_support(
         nonlocal start
         sl = slice(start, start + n)
         start += n
-        return PointSet(latents=latents[sl].clone(), windows=[w[sl].clone() for w in windows])
+        return PointSet(latents=latents[sl].clone(), windows=[w[sl].clone() for w in windows],
+                        intensity=intensity[sl].clone())
 
     for name, _, extent, parts in point_groups:
         wpl = take(6)
