@@ -320,3 +320,27 @@ def test_medsam_checkpoint_loads_from_the_model_folder(tmp_path, monkeypatch):
     volume, labels = phantom((2, 40, 56))
     result = Segmenter(backend, progress=False).segment_volume(volume, {1: ((0, 10, 8), (1, 23, 25))})
     assert result.labels.shape == volume.shape and result.stats["encoder_calls"] == 2
+
+
+# -- boxes JSON of `medlsam localize` -------------------------------------------------------------
+def test_boxes_json_selection_uses_spl_parts_and_skips_absent_organs(tmp_path):
+    from medlsam.commands.segment import read_boxes, select_organ_boxes
+
+    organs = {
+        "liver": {"id": 1, "present": True, "box_voxel": [[0, 0, 0], [9, 9, 9]],
+                  "parts": [{"box_voxel": [[0, 0, 0], [9, 9, 4]]}, {"box_voxel": [[2, 2, 5], [8, 8, 9]]}]},
+        "spleen": {"id": 2, "present": False, "box_voxel": None},
+        "kidney_left": {"id": 3, "present": True, "box_voxel": [[1, 2, 3], [4, 5, 6]]},
+    }
+    path = tmp_path / "boxes.json"
+    path.write_text(__import__("json").dumps({"organs": organs}))
+    boxes, names = select_organ_boxes(read_boxes(path), None, whole_box=False)
+    assert names == {1: "liver", 3: "kidney_left"}
+    assert boxes[1] == [((0, 0, 0), (9, 9, 4)), ((2, 2, 5), (8, 8, 9))] and boxes[3] == [((1, 2, 3), (4, 5, 6))]
+    whole, _ = select_organ_boxes(organs, ["3", "liver"], whole_box=True)
+    assert whole == {1: [((0, 0, 0), (9, 9, 9))], 3: [((1, 2, 3), (4, 5, 6))]}
+    with pytest.raises(ValueError, match="unknown organ"):
+        select_organ_boxes(organs, ["pancreas"], whole_box=False)
+    path.write_text('{"organs": {}}')
+    with pytest.raises(ValueError, match="no 'organs'"):
+        read_boxes(path)
