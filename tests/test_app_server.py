@@ -82,10 +82,10 @@ def test_info_lists_models_trainer_labels_and_templates(server):
     assert all(1 <= o["supports"] <= N_SUPPORTS for o in organs.values())
 
 
-def test_medlsam_segments_a_query_with_named_labels(server):
+def test_medlsam_segments_a_query_with_named_labels(server, tmp_path):
     _, queries = study_ids(server["root"])
     query = queries[0]
-    client = MONAILabelClient(server["url"])
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
     label_file, params = client.infer("medlsam", query, {"organs": ["liver", "spleen", "kidney_left", "kidney_right"]})
     labels = np.asanyarray(nib.load(label_file).dataobj)
     truth = np.asanyarray(nib.load(server["root"] / "ground_truth" / f"{query}.nii.gz").dataobj)
@@ -102,14 +102,14 @@ def test_medlsam_segments_a_query_with_named_labels(server):
     assert params["encoder_calls"] > 0 and params["timings"]["total_s"] > 0
 
 
-def test_sam_with_roi_segments_the_boxed_organ(server):
+def test_sam_with_roi_segments_the_boxed_organ(server, tmp_path):
     _, queries = study_ids(server["root"])
     query = queries[1]
     truth = np.asanyarray(nib.load(server["root"] / "ground_truth" / f"{query}.nii.gz").dataobj)
     label_map = json.loads((server["root"] / "label_map.json").read_text())
     liver = truth == label_map["liver"]
     (i0, j0, k0), (i1, j1, k1) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
-    client = MONAILabelClient(server["url"])
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
     out_file, params = client.infer("sam", query, {"roi": [int(i0), int(j0), int(i1), int(j1), int(k0), int(k1)],
                                                    "label": "liver"})
     mask = np.asanyarray(nib.load(out_file).dataobj) == label_map["liver"]
@@ -190,12 +190,12 @@ def test_corrupt_and_mismatched_labels_are_rejected_and_store_unchanged(server, 
     assert after == before
 
 
-def test_saving_a_final_label_grows_the_store_and_survives_restart(server):
+def test_saving_a_final_label_grows_the_store_and_survives_restart(server, tmp_path):
     url, root = server["url"], server["root"]
     _, queries = study_ids(root)
     new_support = queries[-1]
     before = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
-    client = MONAILabelClient(url)
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
     result = client.save_label(new_support, str(root / "ground_truth" / f"{new_support}.nii.gz"), tag="final")
     assert result["templates"]["liver"] == before["liver"]["supports"] + 1
     after = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["organs"]
