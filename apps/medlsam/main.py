@@ -87,7 +87,7 @@ class MedLSAMApp(MONAILabelApp):
     def _sync_templates(self, started: threading.Event):
         # Gathering the supports is part of the update (DICOMweb: SEGs are downloaded and decoded),
         # so the store's lock is held from the start: /info shows "updating", infers wait.
-        with self.ctx.store._lock:
+        with self.ctx.store.updating():
             started.set()
             try:
                 logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))

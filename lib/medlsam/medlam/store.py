@@ -114,6 +114,11 @@ class TemplateStore:
             self._lock.release()
 
     # --- updates --------------------------------------------------------------------------------
+    def updating(self):
+        """Hold the store for an update that starts before `sync`/`add_support` (e.g. downloading the
+        supports): meanwhile /info reports `updating` and infer requests wait."""
+        return self._lock
+
     def add_support(self, study: SupportStudy) -> dict[str, int]:
         """(Re)compute one study's contribution; on any error the store is left as it was."""
         image = load_nifti(study.image)
