@@ -106,7 +106,10 @@ def build_templates(embedder, supports, label_map, organs, out_dir: Path, cache_
         import json
 
         if json.loads(meta.read_text()) == cache_key:
-            return TemplateSet.load(path, expected_fingerprint=embedder.fingerprint)
+            try:
+                return TemplateSet.load(path, expected_fingerprint=embedder.fingerprint)
+            except ValueError as exc:  # e.g. written by an older template format: rebuild it
+                log.warning("rebuilding %s: %s", path, exc)
     templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict(), max_supports=len(supports))
     for study in tqdm(supports, desc="supports", unit="study"):
         image, label = load_nifti(study.image), load_nifti(study.label, what="label")
