@@ -7,6 +7,7 @@ One server (module fixture) on a fresh tiny generated datastore: 3 supports with
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import json
 from pathlib import Path
 
@@ -207,3 +208,32 @@ def test_saving_a_final_label_grows_the_store_and_survives_restart(server, tmp_p
         again = wait_for_templates(url2)["templates"]["organs"]
     assert again["liver"]["supports"] == after["liver"]["supports"]
     assert new_support in again["liver"]["study_ids"]
+
+
+def test_train_task_publishes_weights_and_templates_follow(server):
+    """POST /train/medlam runs a short pretraining through the real server and publishes new weights;
+    the next infer request rebuilds the templates with them. (Last: it changes the server's weights.)"""
+    url = server["url"]
+    before = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["weights_fingerprint"]
+    params = {"iterations": 3, "batch_size": 2, "threads": 1, "num_workers": 0}
+    response = httpx.post(f"{url}/train/medlam", json=params, timeout=60)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 900
+    while True:
+        status = httpx.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+        assert time.monotonic() < deadline, f"training still running: {status}"
+        time.sleep(2)
+    print("\n/train/medlam:", status["status"], "|", " / ".join(list(status.get("details", []))[-3:]))
+    assert status["status"] == "DONE", status
+    published = Path(server["conf"]["model_dir"]) / "medlam_trained" / "medlam.pt"
+    assert published.exists()
+    stats = httpx.get(f"{url}/info/", timeout=30).json()["train_stats"]["medlam"]
+    assert stats["iterations"] == 3 and stats["published"] == str(published)
+    _, queries = study_ids(server["root"])
+    response = post_infer(url, "medlam", queries[0], {"organs": ["liver"]}, "json")
+    assert response.status_code == 200, response.text
+    after = wait_for_templates(url)["templates"]
+    assert after["weights_fingerprint"] != before
+    assert after["stale"] is False and after["organs"]["liver"]["supports"] >= N_SUPPORTS
