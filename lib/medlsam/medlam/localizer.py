@@ -21,8 +21,11 @@ class LocalizerSettings:
     mss: bool = True
     mss_search_fraction: float = 0.25  # MSS may move a point by at most this fraction of the patch
     intensity_weight: float = 1.0  # weight of the image's own NCC beside the (3) feature levels
-    presence_threshold: float = 0.25  # minimum mean MSS peak similarity of a present organ
-    min_fraction_inside: float = 0.5  # minimum fraction of the box inside the scan for a present organ
+    # Presence, calibrated on 10 held-out generated studies (seeds 5-14, all scan ranges) with the
+    # demo weights: 94% of present organs kept, 94% of absent ones flagged. Most absences show as
+    # boxes outside the scan; the similarity bound only catches near-zero matches.
+    presence_threshold: float = 0.10  # minimum mean MSS peak similarity of a present organ
+    min_fraction_inside: float = 0.3  # minimum fraction of the box inside the scan for a present organ
     size_prior: bool = True  # replace implausible box sizes (x0.5 .. x2 of the supports) by the supports'
 
 
