@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -177,13 +178,14 @@ def run(args: argparse.Namespace) -> int:
                                          "supports": [str(s.image) for s in supports],
                                          "labels": [str(s.label) for s in supports], "label_map": label_map})
         localizer = Localizer(embedder, templates)
+        extra["localizer"] = asdict(localizer.settings)
 
     settings = EvalSettings(
         organs=organs, localizations=tuple(args.localization), backbones=tuple(args.backbones), mode=args.mode,
         gt_slice_threshold=args.gt_slice_threshold, eval_slices=args.eval_slices, seed=args.seed,
         max_shift_px=args.box_shift, shift_reference_px=args.box_shift_reference or None,
         box_margin_zyx=tuple(args.margin), slice_step_mm=args.slice_step_mm,
-        extra={k: extra[k] for k in ("supports", "medlam_fingerprint") if k in extra}
+        extra={k: extra[k] for k in ("supports", "medlam_fingerprint", "localizer") if k in extra}
         | {"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )
     backends = build_backends(args.backbones, checkpoints, args)
