@@ -93,21 +93,6 @@ def test_accelerated_masks_agree_with_eager(eager, fast, onnx_cache):
     assert len(list(onnx_cache.glob("litemedsam-encoder-*.onnx"))) == 1
 
 
-@pytest.mark.slow
-def test_accelerated_encoder_is_faster_per_slice(eager, fast):
-    volume, _ = organ_phantom()
-    image = np.clip((volume[3] + 160) * 255 / 400, 0, 255)
-    eager.encode(image), fast.encode(image)  # warm-up
-    times = {"eager": [], "fast": []}
-    for _ in range(5):
-        for name, backend in (("eager", eager), ("fast", fast)):
-            before = backend.encode_seconds
-            backend.encode(image)
-            times[name].append(backend.encode_seconds - before)
-    # the fastest of 5 interleaved runs: other processes on a shared CPU only ever add time
-    assert min(times["eager"]) / min(times["fast"]) >= 1.5
-
-
 def _write_study(tmp_path):
     """The phantom stored as a RAS NIfTI (not the view's LPS), with a localize-style boxes file."""
     volume, labels = organ_phantom()
