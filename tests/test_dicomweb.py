@@ -272,7 +272,7 @@ def test_template_store_filled_from_pacs_segs(server, dataset):
 @pytest.mark.slow
 def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     sid = queries(dataset)[0]
-    label_file, params = client(server, dataset).infer("medlsam", series_uid(dataset, sid), {"organs": ["kidney_left"]})
+    label_file, params = client(server, dataset).infer("medlsam", series_uid(dataset, sid), {"organs": ["liver"]})
     label = nib.load(label_file)
     series = read_series_from_dataset(dataset, sid)
     assert label.shape == series.shape
@@ -282,9 +282,9 @@ def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     scores = {name: dice(data == i, gt == i) for name, i in params["label_names"].items()}
     print(f"\n/infer/medlsam on series {series_uid(dataset, sid)} ({sid}): Dice {scores}, "
           f"{params['timings']}")
-    assert params["label_names"] == {"kidney_left": LABEL_MAP["kidney_left"]}
-    assert set(np.unique(data)) == {0, LABEL_MAP["kidney_left"]}
-    assert scores["kidney_left"] > 0.25  # on the kidney (an untrained MedLAM scores 0.0 here)
+    assert params["label_names"] == {"liver": LABEL_MAP["liver"]}
+    assert set(np.unique(data)) == {0, LABEL_MAP["liver"]}
+    assert scores["liver"] > 0.2  # on the liver (misplaced boxes score ~0 here)
 
 
 def read_series_from_dataset(dataset, sid: str) -> nib.Nifti1Image:
