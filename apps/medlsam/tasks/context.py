@@ -18,6 +18,7 @@ from medlsam.medlam.templates import TemplateMismatchError, TemplateSet, check_l
 from medlsam.segment import Segmenter, build_backend
 
 from .errors import bad_request
+from .requests import int_param, mode_param, organs_param
 from .settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ class MedLSAMContext:
         if name not in self.label_ids:
             raise bad_request(f"unknown organ {value!r}; known organs: {', '.join(self.label_ids)}")
         return name
+
+    def localization_request(self, request: dict) -> tuple[nib.Nifti1Image, list[str] | None, str, int]:
+        """The image, organ names (None: all with templates), mode and seed of a medlam/medlsam request."""
+        image = self.load_image(self.image_path(request))
+        organs = [self.organ_name(o) for o in organs_param(request.get("organs")) or []] or None
+        mode = mode_param(request.get("mode"), self.settings.mode)
+        return image, organs, mode, int_param(request, "seed", 0)
 
     # --- studies --------------------------------------------------------------------------------
     def image_path(self, request: dict) -> str:

@@ -10,7 +10,6 @@ from medlsam.medlam.box_volume import boxes_to_label_volume
 
 from .context import MedLSAMContext
 from .errors import client_errors
-from .requests import int_param, mode_param, organs_param
 
 
 class MedLAMInfer(InferTask):
@@ -29,12 +28,8 @@ class MedLAMInfer(InferTask):
 
     def __call__(self, request):
         with client_errors("medlam"):
-            image = self.ctx.load_image(self.ctx.image_path(request))
-            organs = [self.ctx.organ_name(o) for o in organs_param(request.get("organs")) or []] or None
-            mode = mode_param(request.get("mode"), self.ctx.settings.mode)
-            result = self.ctx.localizer(request).localize(
-                image, organs=organs, mode=mode, seed=int_param(request, "seed", 0)
-            )
+            image, organs, mode, seed = self.ctx.localization_request(request)
+            result = self.ctx.localizer(request).localize(image, organs=organs, mode=mode, seed=seed)
         result["label_names"] = {n: e["id"] for n, e in result["organs"].items() if e["present"]}
         result["absent"] = sorted(n for n, e in result["organs"].items() if not e["present"])
         out = self.ctx.result_file()

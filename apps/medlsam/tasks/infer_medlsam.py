@@ -10,7 +10,6 @@ from medlsam.pipeline import run_medlsam
 
 from .context import MedLSAMContext
 from .errors import client_errors
-from .requests import int_param, mode_param, organs_param
 
 
 class MedLSAMInfer(InferTask):
@@ -30,13 +29,11 @@ class MedLSAMInfer(InferTask):
 
     def __call__(self, request):
         with client_errors("medlsam"):
-            image = self.ctx.load_image(self.ctx.image_path(request))
-            organs = [self.ctx.organ_name(o) for o in organs_param(request.get("organs")) or []] or None
-            mode = mode_param(request.get("mode"), self.ctx.settings.mode)
+            image, organs, mode, seed = self.ctx.localization_request(request)
             localizer = self.ctx.localizer(request)
             with self.ctx.segment_lock:
                 labels, report = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode,
-                                             seed=int_param(request, "seed", 0))
+                                             seed=seed)
         out = self.ctx.result_file()
         save_nifti(nib.Nifti1Image(labels, image.affine), out)
         return out, report
