@@ -53,7 +53,7 @@ def grouped_bars(path: Path, organs: Sequence[str], series: Mapping[str, tuple[S
         ax.set_ylim(*ylim)
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars stay visible
     return _save(fig, path)
 
 
