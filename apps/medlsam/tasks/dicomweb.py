@@ -157,8 +157,11 @@ class PacsDatastore(DICOMWebDatastore):
 
     @pacs_errors
     def final_label_snapshot(self) -> tuple:
-        """(image series, newest SEG series) pairs: changes whenever a SEG is stored or removed."""
-        return tuple(sorted(self._seg_index().items()))
+        """(image series, newest SEG series) pairs: changes whenever a SEG is stored or removed.
+
+        Always asks the PACS (two QIDO searches, milliseconds next to an inference): a SEG another
+        client stored a moment ago must count at the very next request, not after the list cache expires."""
+        return tuple(sorted(self._seg_index(fresh=True).items()))
 
     @pacs_errors
     def get_labeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
