@@ -143,6 +143,17 @@ def test_organs_sit_in_plausible_places(cap_tiny):
     assert c["urinary_bladder"][z] < c["kidney_right"][z] - 150
 
 
+def test_vertebral_bodies_are_labelled_bone(cap_tiny):
+    # the T1-L5 vertebrae of an adult hold roughly 400-900 ml of bone; a column labelled without its
+    # vertebral bodies (arches and processes only) holds under 300 ml
+    img, lab = _arrays(cap_tiny)
+    spine = lab == LABEL_MAP["spinal_column"]
+    volume_ml = spine.sum() * np.prod(cap_tiny.image.header.get_zooms()[:3]) / 1000.0
+    assert 350 < volume_ml < 1200, volume_ml
+    # the bodies are trabecular bone inside a cortical shell, far brighter than the discs between them
+    assert 200 < np.median(img[spine]) < 500
+
+
 def test_ras_and_lps_give_same_world_anatomy():
     ras = generate_study(13, "tiny", scan_range="abdomen", orientation="RAS")
     lps = generate_study(13, "tiny", scan_range="abdomen", orientation="LPS")

@@ -17,7 +17,7 @@ from .intensities import TissueHU
 from .labels import ID_TO_NAME, LABEL_MAP
 from .subject import draw_subject
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: vertebral bodies labelled and bone-bright (2 left them as disc)
 
 
 @dataclass

@@ -94,7 +94,9 @@ def paint_spine(cv: Canvas, s: Subject, hu: TissueHU) -> None:
             return None
         return occ, bone_value(hu, d, b.texture("vertebra", coarse=True))
 
-    cv.paint(lo, hi, vertebrae, label=LABEL_MAP["spinal_column"], allowed=BODY, set_comp=BONE)
+    # the disc column above runs the whole spine; vertebral bodies replace it except in the gaps
+    # between them, so they may paint over the spine's own BONE compartment
+    cv.paint(lo, hi, vertebrae, label=LABEL_MAP["spinal_column"], allowed=BODY + (BONE,), set_comp=BONE)
 
     # sacrum and coccyx: a curved wedge continuing the column below L5
     z_top = vz[0] - vh[0] - 4
