@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medlsam.evaluation.metrics import box_iou_mm, mask_box
-from medlsam.io import atomic_write_text, load_label_map, load_nifti
+from medlsam.io import atomic_write_bytes, load_label_map, load_nifti
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
 from medlsam.medlam.patches import PatchEmbedder
 from medlsam.medlam.templates import TemplateSet
@@ -121,12 +121,12 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         rows += localize_study(localizers, args.data, study, label_ids, seed=i)
-        atomic_write_text(rows_path, json.dumps(rows))
+        atomic_write_bytes(rows_path, json.dumps(rows).encode())
         tqdm.write(f"{study}: {time.perf_counter() - t0:.1f} s")
 
     organs = [o for o in label_ids if any(r["organ"] == o for r in rows)]
     report = iou_table(rows, organs) + "\n\n" + presence_report(rows, LocalizerSettings()) + "\n"
-    atomic_write_text(args.out / "table.md", report)
+    atomic_write_bytes(args.out / "table.md", report.encode())
     print(report)
     return 0
 

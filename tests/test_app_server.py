@@ -159,6 +159,30 @@ def test_bad_inputs_get_4xx_with_a_message(server, case, model, image, params, s
     assert httpx.get(f"{server['url']}/info/", timeout=30).status_code == 200  # still serving
 
 
+def _nifti_bytes(path: Path, data: np.ndarray) -> bytes:
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 3.0, 1.0])), str(path))
+    return path.read_bytes()
+
+
+def test_uploaded_images_that_are_not_ct_volumes_are_refused(server, tmp_path):
+    """An image uploaded with the request (REST clients, Slicer's "upload") gets the same checks."""
+    rng = np.random.default_rng(0)
+    uploads = {
+        "corrupt.nii.gz": (b"not a nifti file at all", "not a readable NIfTI"),
+        "flat.nii.gz": (_nifti_bytes(tmp_path / "flat.nii.gz", rng.normal(0, 300, (96, 96, 1)).astype(np.int16)),
+                        "2D image"),
+        "photo.nii.gz": (_nifti_bytes(tmp_path / "photo.nii.gz", rng.integers(0, 256, (96, 96, 40)).astype(np.uint8)),
+                         "Hounsfield"),
+    }
+    for name, (content, expected) in uploads.items():
+        response = httpx.post(f"{server['url']}/infer/medlsam?output=json", data={"params": "{}"},
+                              files={"file": (name, content)}, timeout=120)
+        print(f"\nupload {name}: HTTP {response.status_code} {response.text[:200]}")
+        assert response.status_code == 422, response.text
+        assert expected.lower() in response.json()["detail"].lower()
+    assert httpx.get(f"{server['url']}/info/", timeout=30).status_code == 200  # still serving
+
+
 def test_organ_without_template_is_refused(server):
     info = httpx.get(f"{server['url']}/info/", timeout=30).json()
     assert UNANNOTATED not in info["templates"]["organs"]
