@@ -19,6 +19,8 @@ from medlsam.segment import (
     build_sam_model,
     dice,
     keep_largest_component,
+    margin_in_voxels,
+    parse_margin_mm,
     parse_organ_boxes,
     slice_boxes_from_box,
     window_for_organ_name,
@@ -242,6 +244,39 @@ def test_segment_nifti_returns_labels_on_the_original_grid(tiny_model):
     assert on_original.labels.shape == img.shape
     assert np.array_equal(on_original.labels, on_view.labels.transpose(2, 1, 0)[::-1, ::-1, :])
     assert np.allclose(on_original.probabilities[1], on_view.probabilities[1].transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def test_margin_in_mm_becomes_pixels_of_the_study_spacing():
+    assert margin_in_voxels((2, 10, 10), 8.0, (2.5, 0.8, 0.8)) == (2, 10, 10)  # the paper's slices
+    assert margin_in_voxels((2, 10, 10), 8.0, (3.0, 1.6, 2.0)) == (2, 5, 4)  # coarser slices: fewer pixels
+    assert margin_in_voxels((2, 10, 10), None, (3.0, 1.6, 2.0)) == (2, 10, 10)  # 'px': unchanged
+    assert margin_in_voxels((1, 3, 3), 8.0, None) == (1, 3, 3)  # no spacing known: pixels
+    assert parse_margin_mm("8") == 8.0 and parse_margin_mm("px") is None and parse_margin_mm(None) is None
+    for bad in ("-1", "wide", "nan"):
+        with pytest.raises(ValueError, match="box margin"):
+            parse_margin_mm(bad)
+
+
+def test_segment_nifti_uses_the_margin_in_mm(tiny_model):
+    import nibabel as nib
+
+    volume_zyx, labels_zyx = phantom()
+    data = volume_zyx.transpose(2, 1, 0)[::-1, ::-1, :].copy()
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.5, 1.0]))  # 2 mm pixels: 8 mm = 4 pixels
+    lo_zyx, hi_zyx = boxes_from_labels(labels_zyx)[1]
+    from medlsam.geometry import AxialView
+
+    lo_ijk, hi_ijk = AxialView.from_nifti(img).box_to_original(lo_zyx, hi_zyx)
+    backend = SamBackend(tiny_model)
+    in_mm = Segmenter(backend, box_margin_zyx=(0, 10, 10), in_plane_margin_mm=8.0, progress=False)
+    result = in_mm.segment_nifti(img, {1: (lo_ijk, hi_ijk)}, return_probabilities=True)
+    four_px = Segmenter(backend, box_margin_zyx=(0, 4, 4), progress=False).segment_volume(
+        volume_zyx, {1: (lo_zyx, hi_zyx)}, return_probabilities=True)
+    ten_px = Segmenter(backend, box_margin_zyx=(0, 10, 10), progress=False).segment_volume(
+        volume_zyx, {1: (lo_zyx, hi_zyx)}, return_probabilities=True)
+    back = result.probabilities[1][::-1, ::-1, :].transpose(2, 1, 0)
+    assert np.allclose(back, four_px.probabilities[1])
+    assert not np.allclose(back, ten_px.probabilities[1])
 
 
 # -- acceleration ---------------------------------------------------------------------------------

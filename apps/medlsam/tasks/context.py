@@ -134,7 +134,8 @@ class MedLSAMContext:
                 self.settings.segmenter, self.settings.segmenter_checkpoint, device=self.settings.device,
                 accelerate=self.settings.accelerate, model_dir=self.settings.model_dir,
             )
-            self._segmenter = Segmenter(backend, largest_component=self.settings.largest_component, progress=False)
+            self._segmenter = Segmenter(backend, largest_component=self.settings.largest_component, progress=False,
+                                        in_plane_margin_mm=self.settings.box_margin_mm)
         return self._segmenter
 
     @property

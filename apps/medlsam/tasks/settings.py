@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlsam.paths import DEMO_MEDLAM, MODEL_DIR, OFFICIAL_MEDLAM
+from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
 
 TRUE = ("1", "true", "yes", "on")
 
@@ -26,6 +27,7 @@ class AppSettings:
     accelerate: bool
     largest_component: bool
     template_store: Path
+    box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -60,6 +62,7 @@ class AppSettings:
             accelerate=conf.get("accelerate", "true").lower() in TRUE,
             largest_component=conf.get("largest_component", "false").lower() in TRUE,
             template_store=Path(conf.get("template_store") or default_template_store(model_dir, studies)),
+            box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
         )
 
 

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
+
     p = sub.add_parser(
         "eval",
         help="evaluate localization and segmentation on a labeled dataset (IoU, DSC, HD95)",
@@ -54,7 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="paper: MedLAM boxes are only prompted on slices that hold the organ (the reference "
                         "protocol); box: on every slice of the expanded box (what deployment does)")
     method.add_argument("--margin", type=int, nargs=3, default=(2, 10, 10), metavar=("Z", "Y", "X"),
-                        help="voxels added to each MedLAM box (paper: 2 10 10)")
+                        help="voxels added to each MedLAM box (paper: 2 10 10; Y X give way to --margin-mm)")
+    method.add_argument("--margin-mm", type=parse_margin_mm, default=DEFAULT_IN_PLANE_MARGIN_MM, metavar="MM",
+                        help="in-plane margin of each MedLAM box in mm (default %(default)s: the paper's 10 pixels on ~0.8 mm slices); 'px' uses the Y X voxels of --margin instead")
     method.add_argument("--box-shift", type=float, default=20, help="manual boxes: max outward shift per side (px)")
     method.add_argument("--box-shift-reference", type=float, default=1024,
                         help="image size the shift is measured at (MedSAM: 1024); 0 = native pixels")
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         organs=organs, localizations=tuple(args.localization), backbones=tuple(args.backbones), mode=args.mode,
         gt_slice_threshold=args.gt_slice_threshold, eval_slices=args.eval_slices, seed=args.seed,
         max_shift_px=args.box_shift, shift_reference_px=args.box_shift_reference or None,
-        box_margin_zyx=tuple(args.margin), slice_step_mm=args.slice_step_mm,
+        box_margin_zyx=tuple(args.margin), in_plane_margin_mm=args.margin_mm, slice_step_mm=args.slice_step_mm,
         extra={k: extra[k] for k in ("supports", "medlam_fingerprint", "localizer") if k in extra}
         | {"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )

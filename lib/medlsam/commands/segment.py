@@ -13,7 +13,7 @@ from medlsam.io import atomic_write_json, load_nifti, save_nifti
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medlsam.segment import BACKENDS, DEFAULT_WINDOWS
+    from medlsam.segment import BACKENDS, DEFAULT_IN_PLANE_MARGIN_MM, DEFAULT_WINDOWS, parse_margin_mm
 
     p = sub.add_parser(
         "segment",
@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="folder with SAM/MedSAM checkpoints")
     p.add_argument("--organs", nargs="*", default=None, help="organ names or ids to segment (default: all present)")
     p.add_argument("--margin", type=int, nargs=3, default=(2, 10, 10), metavar=("Z", "Y", "X"),
-                   help="voxels added to each 3D box before slicing (paper: 2 10 10)")
+                   help="voxels added to each 3D box before slicing (paper: 2 10 10; Y X give way to --margin-mm)")
+    p.add_argument("--margin-mm", type=parse_margin_mm, default=DEFAULT_IN_PLANE_MARGIN_MM, metavar="MM",
+                   help="in-plane margin of each MedLAM box in mm (default %(default)s: the paper's 10 pixels on ~0.8 mm slices); 'px' uses the Y X voxels of --margin instead")
     p.add_argument("--whole-box", action="store_true", help="use each organ's whole box even when SPL parts exist")
     p.add_argument("--window", default="default", choices=["auto", *DEFAULT_WINDOWS],
                    help="CT window for all organs; 'auto' picks lung/bone windows from organ names")
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     backend = build_backend(args.model, checkpoint=args.checkpoint, device=args.device,
                             accelerate=not args.no_accelerate, model_dir=args.model_dir)
     segmenter = Segmenter(backend, box_margin_zyx=args.margin, cache=not args.no_cache,
-                          largest_component=args.largest_component)
+                          largest_component=args.largest_component, in_plane_margin_mm=args.margin_mm)
     result = segmenter.segment_nifti(image, boxes, window_for_label=windows)
     save_nifti(nib.Nifti1Image(result.labels.astype(np.uint8), image.affine), args.out)
 

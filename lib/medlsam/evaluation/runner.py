@@ -27,7 +27,7 @@ from medlsam.evaluation.metrics import box_iou_mm, dice, hd95, mask_box
 from medlsam.evaluation.shared_encoder import SharedEncoder
 from medlsam.geometry import AxialView, voxel_spacing
 from medlsam.io import atomic_write_json, load_nifti
-from medlsam.segment import Segmenter, slice_boxes_from_box, window_for_organ_name
+from medlsam.segment import Segmenter, margin_in_voxels, slice_boxes_from_box, window_for_organ_name
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class EvalSettings:
     max_shift_px: float = DEFAULT_MAX_SHIFT_PX
     shift_reference_px: float | None = DEFAULT_SHIFT_REFERENCE_PX
     box_margin_zyx: tuple[int, int, int] = (2, 10, 10)
+    in_plane_margin_mm: float | None = None  # set: replaces box_margin_zyx's y and x (as the app does)
     slice_step_mm: float = 0  # > 0: prompt and score only axial slices about this far apart (subsampling)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. weights fingerprints, support ids
 
@@ -100,6 +101,7 @@ def medlam_prompts(located: Mapping[str, dict], view: AxialView, settings: EvalS
                    counted: Mapping[str, list[int]]) -> dict[str, dict[int, list]]:
     """Organ -> {z: [2D boxes]} on the axial view from the localizer's (expanded) 3D boxes."""
     prompts = {}
+    margin = margin_in_voxels(settings.box_margin_zyx, settings.in_plane_margin_mm, view.spacing_zyx)
     for name, entry in located.items():
         if not entry["present"]:
             continue
@@ -107,7 +109,7 @@ def medlam_prompts(located: Mapping[str, dict], view: AxialView, settings: EvalS
         per_slice: dict[int, list] = {}
         for box in parts or [entry["box_voxel"]]:
             lo, hi = view.box_from_original(*box)
-            _merge_slice_boxes(per_slice, slice_boxes_from_box(lo, hi, view.array.shape, settings.box_margin_zyx))
+            _merge_slice_boxes(per_slice, slice_boxes_from_box(lo, hi, view.array.shape, margin))
         if settings.eval_slices == "paper":
             keep = set(counted.get(name, ()))
             per_slice = {z: b for z, b in per_slice.items() if z in keep}

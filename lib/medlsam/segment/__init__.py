@@ -4,8 +4,11 @@ from .backends import BACKENDS, SamBackend, LiteMedSAMBackend, build_backend, bu
 from .postprocess import dice, keep_largest_component
 from .segmenter import SegmentationResult, Segmenter, SliceResult
 from .slice_boxes import (
+    DEFAULT_IN_PLANE_MARGIN_MM,
     PAPER_MARGIN_ZYX,
     boxes_from_labels,
+    margin_in_voxels,
+    parse_margin_mm,
     parse_organ_boxes,
     slice_boxes_from_box,
     slice_boxes_from_labels,
@@ -13,8 +16,8 @@ from .slice_boxes import (
 from .windows import DEFAULT_WINDOWS, apply_window, window_for_organ_name
 
 __all__ = [
-    "BACKENDS", "DEFAULT_WINDOWS", "LiteMedSAMBackend", "PAPER_MARGIN_ZYX", "SamBackend", "SegmentationResult",
-    "Segmenter", "SliceResult", "apply_window", "boxes_from_labels", "build_backend", "build_sam_model",
-    "dice", "keep_largest_component", "parse_organ_boxes", "slice_boxes_from_box", "slice_boxes_from_labels",
-    "window_for_organ_name",
+    "BACKENDS", "DEFAULT_IN_PLANE_MARGIN_MM", "DEFAULT_WINDOWS", "LiteMedSAMBackend", "PAPER_MARGIN_ZYX", "SamBackend",
+    "SegmentationResult", "Segmenter", "SliceResult", "apply_window", "boxes_from_labels", "build_backend",
+    "build_sam_model", "dice", "keep_largest_component", "margin_in_voxels", "parse_margin_mm", "parse_organ_boxes",
+    "slice_boxes_from_box", "slice_boxes_from_labels", "window_for_organ_name",
 ]

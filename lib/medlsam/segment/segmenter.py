@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .backends.base import Embedding, SamFamilyBackend
 from .postprocess import keep_largest_component
-from .slice_boxes import PAPER_MARGIN_ZYX, Box2D, _is_box3d, parse_organ_boxes
+from .slice_boxes import PAPER_MARGIN_ZYX, Box2D, _is_box3d, margin_in_voxels, parse_organ_boxes
 from .windows import DEFAULT_WINDOWS, apply_window, check_windows
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Segmenter:
     def __init__(self, backend: SamFamilyBackend, box_margin_zyx: Sequence[int] = PAPER_MARGIN_ZYX,
                  cache: bool = True, largest_component: bool = False,
                  windows: Mapping[str, tuple[float, float]] | None = None, threshold: float = 0.5,
-                 progress: bool = True, interactive_cache_size: int = 8):
+                 progress: bool = True, interactive_cache_size: int = 8, in_plane_margin_mm: float | None = None):
         margin = tuple(int(m) for m in box_margin_zyx)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"box_margin_zyx must be three non-negative ints, got {box_margin_zyx!r}")
@@ -53,6 +53,10 @@ class Segmenter:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.backend = backend
         self.box_margin_zyx = margin
+        if in_plane_margin_mm is not None and in_plane_margin_mm < 0:
+            raise ValueError(f"in_plane_margin_mm must be >= 0, got {in_plane_margin_mm}")
+        # when set, NIfTI studies (segment_nifti) get this in-plane margin in mm instead of pixels
+        self.in_plane_margin_mm = None if in_plane_margin_mm is None else float(in_plane_margin_mm)
         self.cache = bool(cache)
         self.largest_component = bool(largest_component)
         self.windows = check_windows(dict(windows) if windows is not None else dict(DEFAULT_WINDOWS))
@@ -64,15 +68,18 @@ class Segmenter:
     # -- volumes --------------------------------------------------------------------------------
     def segment_volume(self, volume_zyx_hu: np.ndarray, organ_boxes: Mapping[int, Any],
                        window_for_label: Mapping[int, str] | None = None, return_probabilities: bool = False,
-                       slices: Iterable[int] | None = None) -> SegmentationResult:
+                       slices: Iterable[int] | None = None,
+                       box_margin_zyx: Sequence[int] | None = None) -> SegmentationResult:
         """Segment every organ of `organ_boxes` in a (z, y, x) HU volume.
 
         organ_boxes: label -> a 3D box (lo_zyx, hi_zyx), a list of them (SPL parts; expanded by
-        `box_margin_zyx`), or per-slice 2D boxes {z: (y0, x0, y1, x1)} (used as given).
+        `box_margin_zyx`, this call's or the segmenter's), or per-slice 2D boxes {z: (y0, x0, y1, x1)}
+        (used as given).
         Overlaps go to the label with the higher probability. `slices` restricts the work to some z.
         """
         volume = self._check_volume(volume_zyx_hu)
-        prompts = parse_organ_boxes(organ_boxes, volume.shape, self.box_margin_zyx)
+        margin = self.box_margin_zyx if box_margin_zyx is None else tuple(int(m) for m in box_margin_zyx)
+        prompts = parse_organ_boxes(organ_boxes, volume.shape, margin)
         window_of = self._windows_for(prompts, window_for_label)
         plan: dict[int, list[tuple[int, Box2D]]] = defaultdict(list)
         for label, per_slice in prompts.items():
@@ -132,7 +139,9 @@ class Segmenter:
             if not isinstance(boxes, (list, tuple)) or not all(_is_box3d(b) for b in boxes):
                 raise ValueError(f"label {label}: expected 3D boxes ([i0, j0, k0], [i1, j1, k1]), got {boxes!r}")
             boxes_zyx[label] = [view.box_from_original(lo, hi) for lo, hi in boxes]
-        result = self.segment_volume(view.array, boxes_zyx, window_for_label, return_probabilities)
+        margin = margin_in_voxels(self.box_margin_zyx, self.in_plane_margin_mm, view.spacing_zyx)
+        result = self.segment_volume(view.array, boxes_zyx, window_for_label, return_probabilities,
+                                     box_margin_zyx=margin)
         result.labels = view.to_original(result.labels)
         if result.probabilities is not None:
             result.probabilities = {k: view.to_original(v) for k, v in result.probabilities.items()}

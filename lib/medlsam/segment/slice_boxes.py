@@ -1,5 +1,7 @@
 """3D boxes -> one 2D box prompt per axial slice (paper Sec. 2.2: expand by [2, 10, 10], clip).
 
+The in-plane margin can be given in mm instead (`margin_in_voxels`), which the app and `medlsam eval` do.
+
 Conventions: volumes are (z, y, x); 3D boxes are inclusive voxel bounds (lo_zyx, hi_zyx);
 2D boxes are inclusive (y0, x0, y1, x1) on one axial slice.
 """
@@ -15,6 +17,38 @@ Box2D = tuple[int, int, int, int]
 SliceBoxes = dict[int, list[Box2D]]  # z -> boxes on that slice
 
 PAPER_MARGIN_ZYX = (2, 10, 10)
+# The paper's 10 pixels on its ~0.8 mm slices, as a physical distance: on coarser slices (the sample
+# data's 1.25-2 mm) 10 pixels would be a box twice as loose, and LiteMedSAM then segments whatever
+# else the box holds (docs/EVAL.md, "box margin").
+DEFAULT_IN_PLANE_MARGIN_MM = 8.0
+
+
+def parse_margin_mm(text: str | float | None) -> float | None:
+    """A configured in-plane margin: millimetres (>= 0), or 'px' / 'none' for the pixel margin."""
+    if text is None or str(text).strip().lower() in ("px", "none", ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"box margin must be millimetres (e.g. 8) or 'px', got {text!r}") from None
+    if not value >= 0:
+        raise ValueError(f"box margin must be >= 0 mm, got {text!r}")
+    return value
+
+
+def margin_in_voxels(margin_zyx: Sequence[int], in_plane_margin_mm: float | None,
+                     spacing_zyx: Sequence[float] | None) -> tuple[int, int, int]:
+    """`margin_zyx` with its y and x replaced by `in_plane_margin_mm` in pixels of this spacing.
+
+    Without a millimetre margin or a spacing, `margin_zyx` is returned unchanged.
+    """
+    z, y, x = (int(m) for m in margin_zyx)
+    if in_plane_margin_mm is None or spacing_zyx is None:
+        return z, y, x
+    if in_plane_margin_mm < 0:
+        raise ValueError(f"in-plane box margin must be >= 0 mm, got {in_plane_margin_mm}")
+    sy, sx = float(spacing_zyx[1]), float(spacing_zyx[2])
+    return z, int(round(in_plane_margin_mm / sy)), int(round(in_plane_margin_mm / sx))
 
 
 def expand_box(lo, hi, margin_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
