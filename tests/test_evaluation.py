@@ -482,6 +482,7 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
     assert mean == pytest.approx(np.mean(organ_means)) and 0.3 < mean <= 1.0
     report = (out / "report.md").read_text()
     assert "## Segmentation: DSC" in report and "MedLAM + litemedsam" in report
+    assert "MedLAM boxes grown by 2 slices along z and 8 mm in-plane." in report  # the default margin
     header = (out / "dsc.csv").read_text().splitlines()[0]
     assert header.startswith("organ,medlam/litemedsam_dsc_mean,medlam/litemedsam_dsc_std")
     rows = (out / "per_study.csv").read_text().splitlines()

@@ -145,6 +145,10 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
         + (f"at {s['shift_reference_px']:g} px scale" if s["shift_reference_px"] else "native px")
         + f"; seed {s['seed']}."
     )
+    if "medlam" in s.get("localizations", ()) and s.get("box_margin_zyx"):
+        z, y, x = s["box_margin_zyx"]
+        in_plane = f"{s['in_plane_margin_mm']:g} mm" if s.get("in_plane_margin_mm") is not None else f"{y} x {x} px"
+        lines.append(f"MedLAM boxes grown by {z} slices along z and {in_plane} in-plane.")
     if s.get("slice_step_mm"):
         lines.append(f"Subsampled: only axial slices about {s['slice_step_mm']:g} mm apart were prompted and scored "
                      "(DSC is estimated from them; HD95 is computed on the stacked subsample, an approximation).")
