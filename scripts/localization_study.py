@@ -7,8 +7,8 @@ presence test disabled, so every organ gets a box; IoU is measured in mm against
 Rows are saved after each study: a rerun with the same --out skips the studies already done.
 
     medlsam generate --out /tmp/heldout --count 25 --supports 5 --seed 0
-    medlsam templates --datastore /tmp/heldout/studies --label-map /tmp/heldout/label_map.json --out /tmp/heldout/t.json
-    python scripts/localization_study.py --data /tmp/heldout --templates /tmp/heldout/t.json \
+    medlsam templates --datastore /tmp/heldout/studies --label-map /tmp/heldout/label_map.json --out /tmp/heldout/templates.pt
+    python scripts/localization_study.py --data /tmp/heldout --templates /tmp/heldout/templates.pt \
         --queries synct_0005-synct_0024 --out /tmp/heldout/study
 """
 

@@ -252,7 +252,7 @@ def test_margin_in_mm_becomes_pixels_of_the_study_spacing():
     assert margin_in_voxels((2, 10, 10), None, (3.0, 1.6, 2.0)) == (2, 10, 10)  # 'px': unchanged
     assert margin_in_voxels((1, 3, 3), 8.0, None) == (1, 3, 3)  # no spacing known: pixels
     assert parse_margin_mm("8") == 8.0 and parse_margin_mm("px") is None and parse_margin_mm(None) is None
-    for bad in ("-1", "wide", "nan"):
+    for bad in ("-1", "wide", "nan", "inf"):
         with pytest.raises(ValueError, match="box margin"):
             parse_margin_mm(bad)
 

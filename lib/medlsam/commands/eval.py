@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
+    from medlsam.commands import add_box_margin_options
 
     p = sub.add_parser(
         "eval",
@@ -55,10 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     method.add_argument("--eval-slices", choices=["paper", "box"], default="paper",
                         help="paper: MedLAM boxes are only prompted on slices that hold the organ (the reference "
                         "protocol); box: on every slice of the expanded box (what deployment does)")
-    method.add_argument("--margin", type=int, nargs=3, default=(2, 10, 10), metavar=("Z", "Y", "X"),
-                        help="voxels added to each MedLAM box (paper: 2 10 10; Y X give way to --margin-mm)")
-    method.add_argument("--margin-mm", type=parse_margin_mm, default=DEFAULT_IN_PLANE_MARGIN_MM, metavar="MM",
-                        help="in-plane margin of each MedLAM box in mm (default %(default)s: the paper's 10 pixels on ~0.8 mm slices); 'px' uses the Y X voxels of --margin instead")
+    add_box_margin_options(method)
     method.add_argument("--box-shift", type=float, default=20, help="manual boxes: max outward shift per side (px)")
     method.add_argument("--box-shift-reference", type=float, default=1024,
                         help="image size the shift is measured at (MedSAM: 1024); 0 = native pixels")

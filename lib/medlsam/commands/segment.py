@@ -13,7 +13,8 @@ from medlsam.io import atomic_write_json, load_nifti, save_nifti
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medlsam.segment import BACKENDS, DEFAULT_IN_PLANE_MARGIN_MM, DEFAULT_WINDOWS, parse_margin_mm
+    from medlsam.commands import add_box_margin_options
+    from medlsam.segment import BACKENDS, DEFAULT_WINDOWS
 
     p = sub.add_parser(
         "segment",
@@ -29,10 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: bundled / model folder)")
     p.add_argument("--model-dir", type=Path, default=None, help="folder with SAM/MedSAM checkpoints")
     p.add_argument("--organs", nargs="*", default=None, help="organ names or ids to segment (default: all present)")
-    p.add_argument("--margin", type=int, nargs=3, default=(2, 10, 10), metavar=("Z", "Y", "X"),
-                   help="voxels added to each 3D box before slicing (paper: 2 10 10; Y X give way to --margin-mm)")
-    p.add_argument("--margin-mm", type=parse_margin_mm, default=DEFAULT_IN_PLANE_MARGIN_MM, metavar="MM",
-                   help="in-plane margin of each MedLAM box in mm (default %(default)s: the paper's 10 pixels on ~0.8 mm slices); 'px' uses the Y X voxels of --margin instead")
+    add_box_margin_options(p)
     p.add_argument("--whole-box", action="store_true", help="use each organ's whole box even when SPL parts exist")
     p.add_argument("--window", default="default", choices=["auto", *DEFAULT_WINDOWS],
                    help="CT window for all organs; 'auto' picks lung/bone windows from organ names")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .backends.base import Embedding, SamFamilyBackend
 from .postprocess import keep_largest_component
-from .slice_boxes import PAPER_MARGIN_ZYX, Box2D, _is_box3d, margin_in_voxels, parse_organ_boxes
+from .slice_boxes import PAPER_MARGIN_ZYX, Box2D, _is_box3d, margin_in_voxels, parse_margin_mm, parse_organ_boxes
 from .windows import DEFAULT_WINDOWS, apply_window, check_windows
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,8 @@ class Segmenter:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.backend = backend
         self.box_margin_zyx = margin
-        if in_plane_margin_mm is not None and in_plane_margin_mm < 0:
-            raise ValueError(f"in_plane_margin_mm must be >= 0, got {in_plane_margin_mm}")
         # when set, NIfTI studies (segment_nifti) get this in-plane margin in mm instead of pixels
-        self.in_plane_margin_mm = None if in_plane_margin_mm is None else float(in_plane_margin_mm)
+        self.in_plane_margin_mm = parse_margin_mm(in_plane_margin_mm)
         self.cache = bool(cache)
         self.largest_component = bool(largest_component)
         self.windows = check_windows(dict(windows) if windows is not None else dict(DEFAULT_WINDOWS))

@@ -8,6 +8,7 @@ Conventions: volumes are (z, y, x); 3D boxes are inclusive voxel bounds (lo_zyx,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,8 +32,8 @@ def parse_margin_mm(text: str | float | None) -> float | None:
         value = float(text)
     except ValueError:
         raise ValueError(f"box margin must be millimetres (e.g. 8) or 'px', got {text!r}") from None
-    if not value >= 0:
-        raise ValueError(f"box margin must be >= 0 mm, got {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"box margin must be a finite number of mm >= 0, got {text!r}")
     return value
 
 
