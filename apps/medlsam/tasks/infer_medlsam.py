@@ -32,8 +32,7 @@ class MedLSAMInfer(InferTask):
             image, organs, mode, seed = self.ctx.localization_request(request)
             localizer = self.ctx.localizer(request)
             with self.ctx.segment_lock:
-                labels, report = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode,
-                                             seed=seed)
+                result = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode, seed=seed)
         out = self.ctx.result_file()
-        save_nifti(nib.Nifti1Image(labels, image.affine), out)
-        return out, report
+        save_nifti(nib.Nifti1Image(result.labels, image.affine), out)
+        return out, result.report()

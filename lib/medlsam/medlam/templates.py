@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from medlsam.geometry import MedLAMGrid
 from medlsam.io import atomic_path
+from medlsam.localization import EXTREME_POINTS  # noqa: F401  (their order, used by extreme_points)
 from medlsam.medlam.patches import PatchEmbedder, extract_patches, feature_windows
 
 FORMAT = "medlsam-templates"
 VERSION = 2  # 2: intensity windows
-# Order of the six extreme points everywhere in this package.
-EXTREME_POINTS = ("z_min", "z_max", "y_min", "y_max", "x_min", "x_max")
 DEFAULT_WINDOW_SIZES = (3, 3, 5)  # feature window per level (1/4, 1/2, full resolution)
 MAX_SPL_PARTS = 6
 INTENSITY_WINDOW_MM = 54.0  # intensity patch compared by normalised cross-correlation in the MSS search

@@ -148,6 +148,17 @@ def parse_organ_boxes(organ_boxes: Mapping[int, Any], shape_zyx: Sequence[int],
     return out
 
 
+def keep_slices(prompts: Mapping[int, SliceBoxes], slices_for_label: Mapping[int, Any]) -> dict[int, SliceBoxes]:
+    """Only the slices listed for each label (a label without an entry keeps none); empty labels dropped."""
+    out = {}
+    for label, per_slice in prompts.items():
+        keep = {int(z) for z in slices_for_label.get(label, ())}
+        kept = {z: boxes for z, boxes in per_slice.items() if z in keep}
+        if kept:
+            out[label] = kept
+    return out
+
+
 def boxes_from_labels(labels_zyx: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Tight inclusive (lo_zyx, hi_zyx) box of every non-zero label in a label volume."""
     labels_zyx = np.asarray(labels_zyx)
