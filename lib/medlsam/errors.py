@@ -1,8 +1,8 @@
 """Error classes that say whose problem it is: the caller's input or the server's set-up.
 
 Servers map `InputError` to HTTP 4xx (`NotFoundError`: 404) and `ConfigurationError` to HTTP 5xx;
-both carry a message meant for a person. Both stay `ValueError` / `RuntimeError` subclasses so
-callers that only know the built-in types keep working.
+both carry a message meant for a person. Both stay `ValueError` subclasses (and
+`ModelFileMissing` a `FileNotFoundError`) so callers that only know the built-in types keep working.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ class NotFoundError(InputError, LookupError):
     """The caller named something that does not exist (an image id, an organ without a template)."""
 
 
-class ConfigurationError(MedLSAMError, RuntimeError):
-    """The server or command is set up wrongly: a missing or unreadable checkpoint, a broken label map."""
+class ConfigurationError(MedLSAMError, ValueError):
+    """The server or command is set up wrongly: an unreadable checkpoint, a broken label map."""
+
+
+class ModelFileMissing(ConfigurationError, FileNotFoundError):
+    """A checkpoint the configuration needs is not where it should be."""
 
 
 class BusyError(MedLSAMError, RuntimeError):

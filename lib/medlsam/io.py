@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import nibabel as nib
 import numpy as np
 
+from medlsam.errors import InputError, NotFoundError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -62,24 +64,24 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1Ima
     """Load a 3D NIfTI (a trailing singleton 4th axis is dropped) or raise ValueError saying why not."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise NotFoundError(f"{what} file not found: {path}")
     try:
         img = nib.load(str(path))
         shape = img.shape
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
+        raise InputError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
     if len(shape) == 4 and shape[3] == 1:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
         shape = img.shape
     if len(shape) != 3:
-        raise ValueError(f"{what} {path.name} must be a 3D volume, got shape {tuple(shape)}")
+        raise InputError(f"{what} {path.name} must be a 3D volume, got shape {tuple(shape)}")
     if min(shape) < 2:
-        raise ValueError(
+        raise InputError(
             f"{what} {path.name} has shape {tuple(shape)}: a 3D CT volume needs at least 2 voxels "
             "along every axis (this looks like a 2D image)"
         )
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
-        raise ValueError(f"{what} {path.name} has an invalid (singular or non-finite) affine")
+        raise InputError(f"{what} {path.name} has an invalid (singular or non-finite) affine")
     return img
 
 

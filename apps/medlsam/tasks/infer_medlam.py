@@ -9,7 +9,7 @@ from medlsam.io import save_nifti
 from medlsam.medlam.box_volume import boxes_to_label_volume
 
 from .context import MedLSAMContext
-from .errors import client_errors
+from .errors import request_errors
 
 
 class MedLAMInfer(InferTask):
@@ -27,7 +27,7 @@ class MedLAMInfer(InferTask):
         return True
 
     def __call__(self, request):
-        with client_errors("medlam"):
+        with request_errors("medlam"):
             image, organs, mode, seed = self.ctx.localization_request(request)
             localization = self.ctx.localizer(request).localize(image, organs=organs, mode=mode, seed=seed)
         out = self.ctx.result_file()

@@ -9,7 +9,7 @@ from medlsam.io import save_nifti
 from medlsam.pipeline import run_medlsam
 
 from .context import MedLSAMContext
-from .errors import client_errors
+from .errors import request_errors
 
 
 class MedLSAMInfer(InferTask):
@@ -28,7 +28,7 @@ class MedLSAMInfer(InferTask):
         return True
 
     def __call__(self, request):
-        with client_errors("medlsam"):
+        with request_errors("medlsam"):
             image, organs, mode, seed = self.ctx.localization_request(request)
             localizer = self.ctx.localizer(request)
             with self.ctx.segment_lock:

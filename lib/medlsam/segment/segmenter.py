@@ -190,15 +190,15 @@ class Segmenter:
         """
         slice_hu = np.asarray(slice_hu, dtype=np.float32)
         if slice_hu.ndim != 2:
-            raise ValueError(f"expected a 2D slice, got shape {slice_hu.shape}")
+            raise InputError(f"expected a 2D slice, got shape {slice_hu.shape}")
         if window not in self.windows:
-            raise ValueError(f"unknown window {window!r}; available: {', '.join(self.windows)}")
+            raise InputError(f"unknown window {window!r}; available: {', '.join(self.windows)}")
         if box_yx is None and not len(foreground) and not len(background):
-            raise ValueError("a slice prompt needs a box or at least one point")
+            raise InputError("a slice prompt needs a box or at least one point")
         boxes = points = point_labels = None
         if box_yx is not None:
             if len(box_yx) != 4:
-                raise ValueError(f"box must be (y0, x0, y1, x1), got {box_yx!r}")
+                raise InputError(f"box must be (y0, x0, y1, x1), got {box_yx!r}")
             y0, x0, y1, x1 = (float(v) for v in box_yx)
             h, w = slice_hu.shape
             y0, y1 = sorted((min(max(y0, 0), h - 1), min(max(y1, 0), h - 1)))
@@ -250,7 +250,7 @@ class Segmenter:
         for label in sorted(labels):
             name = window_for_label.get(label, "default")
             if name not in self.windows:
-                raise ValueError(f"label {label}: unknown window {name!r}; available: {', '.join(self.windows)}")
+                raise InputError(f"label {label}: unknown window {name!r}; available: {', '.join(self.windows)}")
             out[label] = name
         return out
 
@@ -258,11 +258,11 @@ class Segmenter:
     def _check_volume(volume) -> np.ndarray:
         volume = np.asarray(volume)
         if volume.ndim != 3:
-            raise ValueError(f"expected a 3D (z, y, x) volume, got shape {volume.shape}")
+            raise InputError(f"expected a 3D (z, y, x) volume, got shape {volume.shape}")
         if not np.issubdtype(volume.dtype, np.number) or np.issubdtype(volume.dtype, np.complexfloating):
-            raise ValueError(f"expected a real-valued CT volume, got dtype {volume.dtype}")
+            raise InputError(f"expected a real-valued CT volume, got dtype {volume.dtype}")
         if min(volume.shape) < 1:
-            raise ValueError(f"volume has an empty axis: shape {volume.shape}")
+            raise InputError(f"volume has an empty axis: shape {volume.shape}")
         if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
-            raise ValueError("volume contains NaN or infinite values")
+            raise InputError("volume contains NaN or infinite values")
         return volume
