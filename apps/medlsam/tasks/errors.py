@@ -11,6 +11,7 @@ from medlsam.errors import BusyError, ConfigurationError, InputError, NotFoundEr
 from medlsam.medlam.templates import TemplateMismatchError
 
 logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 10  # what a 409 (templates being updated) tells the client to wait
 
 
 def bad_request(message: str, status: int = 422) -> HTTPException:
@@ -22,7 +23,8 @@ def http_error(exc: BaseException, what: str) -> HTTPException:
     if isinstance(exc, HTTPException):
         return exc
     if isinstance(exc, (TemplateMismatchError, BusyError)):
-        return bad_request(f"{what}: {exc}", 409)
+        retry = int(getattr(exc, "retry_after", 0) or RETRY_AFTER_S)
+        return HTTPException(status_code=409, detail=f"{what}: {exc}", headers={"Retry-After": str(retry)})
     if isinstance(exc, ConfigurationError):  # checked before InputError: both are ValueErrors
         logger.error("%s: server configuration problem: %s", what, exc)
         return bad_request(f"{what}: the server is not set up for this request: {exc}", 500)
