@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 
 # Request keys a client may set, with the defaults of a short CPU run and their allowed ranges.
 DEFAULTS = {"iterations": 100, "batch_size": 4, "learning_rate": 1e-4, "mss_weight": 1.0, "seed": 0,
-            "threads": 2, "num_workers": 1, "device": "auto", "validation_tolerance": 0.0, "validation_studies": 5}
+            "threads": 2, "num_workers": 1, "device": "auto", "validation_tolerance": 0.0, "validation_studies": 5,
+            "validation_organs": 4}
 LIMITS = {"iterations": (1, 1_000_000), "batch_size": (1, 256), "learning_rate": (1e-12, 10.0),
           "mss_weight": (0.0, 100.0), "seed": (0, 2**31 - 1), "threads": (1, 256), "num_workers": (0, 64),
-          "validation_tolerance": (0.0, 1.0), "validation_studies": (0, 100)}
+          "validation_tolerance": (0.0, 1.0), "validation_studies": (0, 100), "validation_organs": (1, 255)}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -85,6 +86,7 @@ class MedLAMTrain(TrainTask):
         net_cfg = self.ctx.embedders.get().net.config
         tolerance = options.pop("validation_tolerance")
         n_validation = options.pop("validation_studies")
+        self._validation_organs = options.pop("validation_organs")
         cfg = TrainConfig(
             base_channels=net_cfg.base_channels, patch_size=net_cfg.patch_size, spacing_mm=net_cfg.spacing_mm,
             n_classes=net_cfg.n_classes, rdr_range_mm=net_cfg.rdr_range_mm, init_weights=str(current),
@@ -103,7 +105,8 @@ class MedLAMTrain(TrainTask):
     def _score(self, checkpoint, supports, stats: TrainStats, which: str):
         stats.update(status=f"validating the {which} weights on {len(supports)} supports")
         started = time.time()
-        result = leave_one_out_iou(checkpoint, supports, self.ctx.label_ids, self.ctx.settings.device)
+        result = leave_one_out_iou(checkpoint, supports, self.ctx.label_ids, self.ctx.settings.device,
+                                   max_organs=self._validation_organs)
         print(f"medlam train: {which} weights, leave-one-out box IoU {result.mean_iou} on {len(supports)} "
               f"supports ({time.time() - started:.0f} s)", flush=True)
         return result

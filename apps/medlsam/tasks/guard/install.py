@@ -25,15 +25,16 @@ from .auth import auth_router
 from .config import GuardSettings
 from .middleware import Guard, GuardMiddleware, is_loopback
 from .openapi import install_schema_patch
-from .routes import build_router
+from .routes import build_router, guarded
 from .uploads import sweep_stale_temp_files
 from .work import WorkQueue
 
 logger = logging.getLogger(__name__)
 
 # MONAI Label's endpoint modules whose routes the app serves (its own or offloaded versions).
+# (The whole-slide-image routes are left out: this app serves CT volumes only.)
 ENDPOINT_MODULES = ("info", "activelearning", "scoring", "batch_infer", "logs", "train", "model", "datastore",
-                    "infer", "session", "wsi_infer")
+                    "infer", "session")
 # Paths MONAI Label keeps serving itself: the DICOMweb proxy (asynchronous), OHIF's files, static files,
 # the API page and /reload.
 SERVED_BY_MONAI = ("/proxy", "/ohif", "/static", "/favicon.ico", "/reload")
@@ -42,9 +43,13 @@ SERVED_BY_MONAI = ("/proxy", "/ohif", "/static", "/favicon.ico", "/reload")
 def offloaded(endpoint):
     """An async endpoint that does blocking work, run in a worker thread with its own event loop."""
 
+    def call(*args, **kwargs):
+        with guarded(endpoint.__name__):
+            return asyncio.run(endpoint(*args, **kwargs))
+
     @functools.wraps(endpoint)
     async def run(*args, **kwargs):
-        return await run_in_threadpool(lambda: asyncio.run(endpoint(*args, **kwargs)))
+        return await run_in_threadpool(call, *args, **kwargs)
 
     return run
 

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -25,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from monailabel.config import settings as ml_settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
 from monailabel.utils.others.generic import get_mime_type
 from requests_toolbelt import MultipartEncoder
@@ -215,6 +217,8 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             info = json_object(params)
             suffix = ids.upload_suffix(label.filename)
             with saved_upload(label, suffix, settings.max_upload_bytes, "label") as path, queue.slot("saving a label"):
+                if suffix.endswith((".nii", ".nii.gz", ".nrrd")):  # a declared size over the cap: refused unread
+                    check_image_header(path, settings.max_voxels, "label")
                 label_id = d.save_label(image, str(path), tag, info)
                 result = app.on_save_label(image, label_id) or {}
         result.update({"image": image, "label": label_id})
@@ -283,6 +287,8 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             with guarded(model):
                 request: dict[str, Any] = json_object(params)
                 request.update(model=model, image=image)
+                if output == InferOutput.dicom_seg and isinstance(datastore(), LocalDatastore):
+                    raise InputError("output=dicom_seg needs a DICOMweb datastore")
                 if file is not None:
                     request["image"] = _keep_upload(file, ids.image_suffix(file.filename), "image", uploads)
                     check_image_header(Path(request["image"]), settings.max_voxels, "uploaded image")
@@ -445,9 +451,69 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
                 _check_train_request(model, (params or {}).get(model), run_sync)
             return run(params, False)
 
-    def _check_train_request(model: str, params: Optional[dict], run_sync: Optional[bool]) -> None:
+    # --- next sample, scoring, batch runs, GPU info -----------------------------------------------
+    def _known(kind: str, name: str) -> None:
+        known = app.info().get(kind, {})
+        if name not in known:
+            raise NotFoundError(f"{kind[:-1] if kind.endswith('s') else kind} {name!r} not found; "
+                                f"available: {', '.join(known) or 'none'}")
+
+    @router.post("/activelearning/{strategy}", tags=["ActiveLearning"],
+                 summary="Run Active Learning strategy to get next sample")
+    def next_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(USER)):
+        from monailabel.endpoints.activelearning import sample
+
+        with guarded(f"strategy {strategy}"):
+            _known("strategies", strategy)
+            check_finite(params or {}, "params")
+            with queue.slot(f"next sample ({strategy})"):
+                return sample(strategy, params, user.username if user else None)
+
+    @router.post("/scoring/{method}", tags=["Scoring"], summary="Run Scoring Task for specific method")
+    def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                    user: User = Depends(ANNOTATOR)):
+        from monailabel.endpoints.scoring import run_method
+
+        with guarded(f"scoring {method}"):
+            _known("scoring", method)
+            _no_sync(run_sync, "scoring")
+            check_finite(params or {}, "params")
+            return run_method(method, params, False)
+
+    @router.post("/scoring/", tags=["Scoring"], include_in_schema=False, deprecated=True)
+    def run_all_scoring(params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                        user: User = Depends(ANNOTATOR)):
+        from monailabel.endpoints.scoring import run
+
+        with guarded("scoring"):
+            _no_sync(run_sync, "scoring")
+            check_finite(params or {}, "params")
+            return run(params, False)
+
+    @router.post("/batch/infer/{model}", tags=["Infer"], summary="Run Batch Inference Task (in the background)")
+    def run_batch(model: str, images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
+                  params: Optional[dict] = None, run_sync: Optional[bool] = False, user: User = Depends(ADMIN)):
+        from monailabel.endpoints.batch_infer import run
+
+        with guarded(f"batch infer {model}"):
+            _known("models", model)
+            _no_sync(run_sync, "batch inference")
+            check_finite(params or {}, "params")
+            return run(model, images, params, False)
+
+    @router.get("/logs/gpu", tags=["Logs"], summary="Get GPU Info (nvidia-smi)")
+    def gpu_info(user: User = Depends(ADMIN)):
+        if shutil.which("nvidia-smi") is None:
+            raise HTTPException(404, detail="no GPU information: nvidia-smi is not installed on this server")
+        done = subprocess.run(["nvidia-smi"], capture_output=True, timeout=30)
+        return Response(content=done.stdout.decode("utf-8", "replace"), media_type="text/plain")
+
+    def _no_sync(run_sync: Optional[bool], what: str) -> None:
         if run_sync:
-            raise InputError("run_sync is not supported: training runs in the background; follow it with GET /train/")
+            raise InputError(f"run_sync is not supported: {what} runs in the background; follow it with GET")
+
+    def _check_train_request(model: str, params: Optional[dict], run_sync: Optional[bool]) -> None:
+        _no_sync(run_sync, "training")
         check_finite(params or {}, "params")
         check = getattr(app, "check_train_request", None)
         if check is not None:
