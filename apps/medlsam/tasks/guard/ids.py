@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 
 from medlsam.errors import InputError, NotFoundError
@@ -37,9 +38,15 @@ def check_new_image_id(image_id: str, datastore=None, suffix: str = "") -> str:
     return image_id
 
 
+def is_folder_store(datastore) -> bool:
+    """A datastore of files in one folder (MONAI Label's DICOMweb datastore subclasses the local one,
+    but its images are series of a PACS, cached elsewhere)."""
+    return isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore)
+
+
 def datastore_folder(datastore) -> str | None:
     """The folder of a folder datastore (LocalStudyStore), None for others (DICOMweb)."""
-    return getattr(datastore, "studies", None) if isinstance(datastore, LocalDatastore) else None
+    return getattr(datastore, "studies", None) if is_folder_store(datastore) else None
 
 
 def check_tag(tag: str) -> str:
@@ -59,11 +66,21 @@ def check_known_image(datastore, image_id: str) -> str:
     """An id the datastore lists (DICOMweb: a well-formed Series Instance UID); else NotFoundError."""
     if not isinstance(image_id, str) or not image_id:
         raise InputError("no image id given: pass ?image=<id> of a datastore study")
-    if isinstance(datastore, LocalDatastore):
+    if is_folder_store(datastore):
         if image_id not in datastore.list_images():
             raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
     elif not DICOM_UID.fullmatch(image_id) or len(image_id) > 64:
         raise NotFoundError(f"image {image_id!r} is not a Series Instance UID of this datastore")
+    return image_id
+
+
+def check_image_reference(image_id: str) -> str:
+    """An `image=` of an infer request: never a path (the app then checks the id against the datastore,
+    which for DICOMweb may be a series the PACS got a moment ago)."""
+    if not isinstance(image_id, str) or not image_id:
+        raise InputError("no image id given: pass ?image=<id> of a datastore study")
+    if "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\x00" in image_id:
+        raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
     return image_id
 
 

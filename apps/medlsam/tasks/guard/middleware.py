@@ -123,7 +123,9 @@ class GuardMiddleware:
         refused = self.guard.refusal(scope)
         limit = self.guard.settings.max_upload_bytes + (1 << 20)  # the multipart envelope around the file
         length = Headers(scope=scope).get("content-length")
-        if refused is None and length is not None and (not length.isdigit() or int(length) > limit):
+        if refused is None and length is not None and not length.isdigit():
+            refused = 400, f"invalid Content-Length {length[:40]!r}"
+        elif refused is None and length is not None and int(length) > limit:
             refused = 413, BodyTooLarge(limit).detail
         if refused:
             status, message = refused

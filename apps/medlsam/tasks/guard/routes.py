@@ -24,7 +24,6 @@ from typing import Any, Optional
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from monailabel.config import settings as ml_settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
@@ -136,7 +135,7 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
     def add_image(image: Optional[str], params: str, file: UploadFile, user: User):
         d = datastore()
         with guarded("adding an image"):
-            if not isinstance(d, LocalDatastore):
+            if not ids.is_folder_store(d):
                 raise HTTPException(405, detail="images are added to the PACS, not through this server")
             suffix = ids.image_suffix(file.filename)
             image_id = image or os.path.basename(file.filename or "")[: -len(suffix)]
@@ -161,7 +160,7 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
     def remove_image(id: str):
         d = datastore()
         with guarded("removing an image"):
-            if not isinstance(d, LocalDatastore):
+            if not ids.is_folder_store(d):
                 raise HTTPException(405, detail="images are removed in the PACS, not through this server")
             ids.check_known_image(d, id)
             d.remove_image(id)
@@ -269,7 +268,7 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
     @router.get("/datastore/dataset", tags=["Datastore"], summary="Download full dataset as ZIP archive (streamed)")
     def get_dataset(limit_cases: Optional[int] = None, user: User = Depends(ANNOTATOR)):
         d = datastore()
-        if not isinstance(d, LocalDatastore):
+        if not ids.is_folder_store(d):
             raise HTTPException(404, detail="no dataset archive for a DICOMweb datastore: export from the PACS")
         entries = dataset_entries(d, limit_cases)
         if not entries:
@@ -287,7 +286,7 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             with guarded(model):
                 request: dict[str, Any] = json_object(params)
                 request.update(model=model, image=image)
-                if output == InferOutput.dicom_seg and isinstance(datastore(), LocalDatastore):
+                if output == InferOutput.dicom_seg and ids.is_folder_store(datastore()):
                     raise InputError("output=dicom_seg needs a DICOMweb datastore")
                 if file is not None:
                     request["image"] = _keep_upload(file, ids.image_suffix(file.filename), "image", uploads)
@@ -297,7 +296,7 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
                 elif not image:
                     raise InputError("no image: pass ?image=<id> of a datastore study, a session_id or upload a file")
                 else:
-                    ids.check_known_image(datastore(), image)
+                    ids.check_image_reference(image)
                 if label is not None:
                     request["label"] = _keep_upload(label, ids.upload_suffix(label.filename), "label", uploads)
                 with queue.slot(f"infer {model}"):
