@@ -381,47 +381,59 @@ def test_7_error_bodies_match_the_published_schema(server):
 
 
 # --- 5: the server stays responsive; a bounded queue answers 503 --------------------------------------
+def small_study(server, study: str, slices: int = 40) -> bytes:
+    """The middle `slices` axial slices of a study (same voxel grid), so the all-organ infer stays short."""
+    img = nib.load(server["root"] / "sample" / "studies" / f"{study}.nii.gz")
+    z0 = max(0, img.shape[2] // 2 - slices // 2)
+    affine = img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, z0], [0, 0, 0, 1]], dtype=float)
+    return nifti_bytes(np.asanyarray(img.dataobj)[:, :, z0:z0 + slices], affine)
+
+
 def test_5_info_answers_within_a_second_while_an_all_organ_infer_runs(server):
     url = server["url"]
     supports, queries = ids(server)
+    r = httpx.put(f"{url}/datastore/image?image=small_query", headers=AUTH, timeout=120,
+                  files={"file": ("small.nii.gz", small_study(server, queries[1]))})
+    assert r.status_code == 200, r.text
     organs = list(httpx.get(f"{url}/info/").json()["templates"]["organs"])
     result = {}
 
     def infer():
         started = time.monotonic()
-        result["response"] = httpx.post(f"{url}/infer/medlsam?image={queries[1]}&output=json",
-                                        data={"params": "{}"}, timeout=900)
-        result["seconds"] = time.monotonic() - started
+        try:
+            result["response"] = httpx.post(f"{url}/infer/medlsam?image=small_query&output=json",
+                                            data={"params": json.dumps({"organs": organs})}, timeout=3600)
+        finally:
+            result["seconds"] = time.monotonic() - started
 
     worker = threading.Thread(target=infer)
     worker.start()
     pool = concurrent.futures.ThreadPoolExecutor(2)
     latencies = {"/info/": [], "/datastore/": [], "/train/": []}
-    time.sleep(1.0)
     queue_answers = []
+    time.sleep(1.0)
     while worker.is_alive():
         for path in latencies:
             started = time.monotonic()
-            r = httpx.get(f"{url}{path}", timeout=30)
+            r = httpx.get(f"{url}{path}", timeout=60)
             latencies[path].append(time.monotonic() - started)
             assert r.status_code in (200, 404), r.text
-        if not queue_answers:  # one worker busy, one may wait: two more long requests -> one 503
+        if not queue_answers:  # one worker busy, one request may wait: two more long requests -> one 503
             queue_answers = [pool.submit(httpx.post, f"{url}/infer/medlam?image={queries[0]}&output=json",
-                                         data={"params": '{"organs": "liver"}'}, timeout=900) for _ in range(2)]
+                                         data={"params": '{"organs": "liver"}'}, timeout=3600) for _ in range(2)]
         time.sleep(0.25)
     answers = [f.result() for f in queue_answers]
     pool.shutdown()
+    TALLY["info_latency_s"] = latencies["/info/"]
+    print(f"\n/infer/medlsam of {len(organs)} organs on a 40-slice study took {result['seconds']:.1f} s; meanwhile "
+          + ", ".join(f"{p} max {max(v):.2f} s, median {np.median(v):.2f} s over {len(v)}" for p, v in latencies.items()))
     response = result["response"]
     assert response.status_code == 200, response.text
-    segmented = response.json()["label_names"]
-    TALLY["info_latency_s"] = latencies["/info/"]
-    print(f"\n/infer/medlsam ({len(organs)} organs with templates, {len(segmented)} segmented) took "
-          f"{result['seconds']:.1f} s; meanwhile " + ", ".join(
-              f"{p} max {max(v):.2f} s median {np.median(v):.2f} s over {len(v)}" for p, v in latencies.items()))
+    assert len(organs) >= 15 and response.json()["label_names"]
     assert all(max(v) < 1.0 for v in latencies.values()), latencies
     codes = sorted(a.status_code for a in answers)
-    print(f"two more long requests while one ran: HTTP {codes}")
-    assert 503 in codes, [a.text[:200] for a in answers]
+    print(f"two more long requests while it ran: HTTP {codes}")
+    assert 503 in codes and 200 in codes, [a.text[:200] for a in answers]
     busy = next(a for a in answers if a.status_code == 503)
     assert int(busy.headers["Retry-After"]) > 0 and "busy" in busy.json()["detail"]
     count(busy)

@@ -454,8 +454,8 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
     def _known(kind: str, name: str) -> None:
         known = app.info().get(kind, {})
         if name not in known:
-            raise NotFoundError(f"{kind[:-1] if kind.endswith('s') else kind} {name!r} not found; "
-                                f"available: {', '.join(known) or 'none'}")
+            what = {"strategies": "strategy", "scoring": "scoring method", "models": "model"}.get(kind, kind)
+            raise NotFoundError(f"{what} {name!r} not found; available: {', '.join(known) or 'none'}")
 
     @router.post("/activelearning/{strategy}", tags=["ActiveLearning"],
                  summary="Run Active Learning strategy to get next sample")
