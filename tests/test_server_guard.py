@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     models = root / "models"
     conf = {"label_map": root / "sample" / "label_map.json", "medlam_checkpoint": DEMO_MEDLAM, "model_dir": models,
             "template_store": models / "templates.pt", "workers": 1, "queue_length": 1, "max_upload_mb": 8,
-            "max_voxels": 3_000_000, "template_wait_s": 60}
+            "max_voxels": 3_000_000, "template_wait_s": 60, "queue_wait_s": 3600}
     process: list = []
     with running_server(root / "sample" / "studies", conf, log_path=root / "server.log",
                         env={"MEDLSAM_API_TOKEN": TOKEN, "TMPDIR": str(temp)}, process=process) as url:
