@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import os
-import struct
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -21,12 +18,12 @@ from medlsam.errors import InputError
 from medlsam.geometry import check_ct_intensities
 from medlsam.io import check_nifti_header, load_nifti
 
+from ..errors import CORRUPT_FILE_ERRORS
+
 logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = "medlsam-"  # every temporary file of the app (uploads, infer results) starts with this
 UPLOAD_PREFIX = TEMP_PREFIX + "upload-"
-# Errors of decoders reading a truncated or corrupt file: the client's file, not a server fault.
-CORRUPT_FILE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, struct.error)
 MAX_INTEGER_DIGITS = 18
 
 
