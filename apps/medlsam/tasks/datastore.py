@@ -20,6 +20,7 @@ from medlsam.io import atomic_path
 from medlsam.labels import LabelMap
 from medlsam.medlam.store import SupportStudy
 
+from .errors import request_errors
 from .label_check import FinalLabelCheck
 
 FINAL = "final"
@@ -95,6 +96,11 @@ class LocalStudyStore(LocalDatastore):
         return Path(self.studies) / LABELS_DIR / tag
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        # called by MONAI Label's endpoint directly: errors must leave as HTTP answers
+        with request_errors("saving the label"):
+            return self._save_label(image_id, label_filename, label_tag, label_info)
+
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if image_id not in self.list_images():
             raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
         suffix = label_suffix(label_filename)
