@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .errors import bad_request
@@ -53,8 +54,8 @@ def roi_param(value: Any, shape) -> tuple[list[int], list[int]] | None:
         except json.JSONDecodeError:
             raise bad_request(f"roi must be [x0, y0, x1, y1, z0, z1], got {value!r}") from None
     if (not isinstance(value, (list, tuple)) or len(value) != 6
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise bad_request(f"roi must be six numbers [x0, y0, x1, y1, z0, z1], got {value!r}")
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise bad_request(f"roi must be six finite numbers [x0, y0, x1, y1, z0, z1], got {value!r}")
     x0, y0, x1, y1, z0, z1 = (int(round(v)) for v in value)
     lo = [min(x0, x1), min(y0, y1), min(z0, z1)]
     hi = [max(x0, x1), max(y0, y1), max(z0, z1)]
@@ -78,8 +79,8 @@ def points_param(request: dict, key: str, shape) -> list[list[int]]:
     points = []
     for p in value:
         if (not isinstance(p, (list, tuple)) or len(p) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
-            raise bad_request(f"{key}: each point must be [x, y, z], got {p!r}")
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
+            raise bad_request(f"{key}: each point must be [x, y, z] finite numbers, got {p!r}")
         q = [int(round(v)) for v in p]
         if any(v < 0 or v > s - 1 for v, s in zip(q, shape)):
             raise bad_request(f"{key}: point {list(p)} is outside the image of shape {list(shape)}")
