@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -83,7 +84,7 @@ class RayExecutor:
 
     def __init__(self, settings: BatchSettings, out_dir, workers: int = 1, address: str | None = None,
                  threads_per_worker: int = 1, gpus_per_worker: float = 0.0, max_attempts: int = 3,
-                 max_restarts: int = 3, init_options: dict | None = None):
+                 max_restarts: int = 3, init_options: dict | None = None, restart_timeout_s: float = 600.0):
         try:
             import ray  # noqa: F401
         except ImportError as exc:
@@ -99,6 +100,7 @@ class RayExecutor:
         self.max_attempts = max_attempts
         self.max_restarts = max_restarts
         self.init_options = dict(init_options or {})
+        self.restart_timeout_s = restart_timeout_s
         self.actors: list = []
         self.deaths: dict[int, int] = {}  # actor index -> times it died under us
         self.requeued = 0
@@ -152,7 +154,11 @@ class RayExecutor:
 
     # --- work -----------------------------------------------------------------------------------
     def run(self, refs: Iterable) -> Iterator[dict]:
-        """Keep every live actor busy with one study; yield rows as studies finish."""
+        """Keep every live actor busy with one study; yield rows as studies finish.
+
+        An actor whose study failed because the actor died is put on probation: Ray restarts it
+        (models reloaded), a cheap ping tells when it is back, and only then does it get studies
+        again; meanwhile its study goes to the next free worker."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -162,6 +168,8 @@ class RayExecutor:
         attempts: dict[str, int] = {}
         idle = list(range(len(self.actors)))
         running: dict = {}  # object ref -> (actor index, study ref)
+        recovering: dict[int, float] = {}  # actor index -> when it died
+        pings: dict = {}  # object ref -> actor index
         lost: set[int] = set()
         output = BatchOutput(self.out_dir, self.settings.run_key())
         while queue or running:
@@ -169,28 +177,49 @@ class RayExecutor:
                 index, ref = idle.pop(0), queue.popleft()
                 attempts[ref.study_id] = attempts.get(ref.study_id, 0) + 1
                 running[self.actors[index].process.remote(ref, attempts[ref.study_id])] = (index, ref)
-            if not running:
-                raise RuntimeError(f"every Ray worker died more than {self.max_restarts} times; "
-                                   f"{len(queue)} studies left (run again to resume)")
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            index, ref = running.pop(done)
+            for index, since in list(recovering.items()):
+                if index not in pings.values():
+                    if time.monotonic() - since > self.restart_timeout_s:
+                        log.warning("worker %d did not come back within %.0f s; going on without it", index,
+                                    self.restart_timeout_s)
+                        recovering.pop(index)
+                        lost.add(index)
+                    else:
+                        pings[self.actors[index].info.remote()] = index
+            if not running and not pings:
+                raise RuntimeError(f"no Ray worker left ({len(lost)} lost after dying more than "
+                                   f"{self.max_restarts} times); {len(queue)} studies left: run again to resume")
+            done, _ = ray.wait([*running, *pings], num_returns=1, timeout=5.0)
+            if not done:
+                continue
+            if done[0] in pings:
+                index = pings.pop(done[0])
+                try:
+                    ray.get(done[0])
+                except RayActorError:
+                    time.sleep(0.5)  # still restarting: ping again
+                    continue
+                recovering.pop(index, None)
+                idle.append(index)
+                log.info("worker %d is back", index)
+                continue
+            index, ref = running.pop(done[0])
             try:
-                row = ray.get(done)
+                row = ray.get(done[0])
             except RayActorError as exc:
                 self.deaths[index] += 1
                 log.warning("worker %d died while on %s (attempt %d): %s", index, ref.study_id,
                             attempts[ref.study_id], str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 if self.deaths[index] <= self.max_restarts:
-                    idle.append(index)  # Ray restarts it; calls wait until it is back
+                    recovering[index] = time.monotonic()
                 else:
                     lost.add(index)
                 if attempts[ref.study_id] < self.max_attempts:
                     self.requeued += 1
                     queue.append(ref)
                     continue
-                row = output.write_failure(ref, f"worker died {attempts[ref.study_id]} times on this study "
+                yield output.write_failure(ref, f"worker died {attempts[ref.study_id]} times on this study "
                                            f"({type(exc).__name__})", attempts[ref.study_id], worker="ray")
-                yield row
                 continue
             idle.append(index)
             yield row
