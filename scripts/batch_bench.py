@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", help="generator preset (tiny, default, ...)")
     p.add_argument("--organs", nargs="*", default=["liver", "spleen"], help="organs to segment (default liver spleen)")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores every mode gets in total")
-    p.add_argument("--modes", nargs="+", default=["sequential", "ray1", "ray2"],
+    p.add_argument("--modes", nargs="+", default=["sequential", "ray2", "ray1"],
                    help="sequential, ray1, ray2 (rayN: N workers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=21)

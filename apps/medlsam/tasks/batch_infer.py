@@ -53,8 +53,8 @@ class _LockedProcessor:
 
 
 def default_output(ctx: MedLSAMContext) -> Path:
-    store = ctx.settings.template_store
-    return store.parent.parent / "batch" / store.stem
+    """<model_dir>/batch/<name of the template store>: one folder per datastore, beside its templates."""
+    return Path(ctx.settings.model_dir) / "batch" / Path(ctx.settings.template_store).stem
 
 
 class MedLSAMBatchInfer(BatchInferTask):

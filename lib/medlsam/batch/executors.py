@@ -13,6 +13,7 @@ from collections import deque
 from typing import Callable, Iterable, Iterator
 
 from medlsam.batch.outputs import BatchOutput, peak_rss_mb
+from medlsam.errors import ConfigurationError
 from medlsam.batch.processor import BatchSettings, StudyProcessor
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class RayExecutor:
         try:
             import ray  # noqa: F401
         except ImportError as exc:
-            raise ImportError("Ray is not installed: pip install 'medlsam[ray]' (or ray) to use --ray") from exc
+            raise ConfigurationError("Ray is not installed: pip install 'medlsam[ray]' (or ray==2.60.0) "
+                                     "to use --ray") from exc
         if workers < 1 or threads_per_worker < 1 or max_attempts < 1 or gpus_per_worker < 0:
             raise ValueError("workers, threads per worker and attempts must be at least 1; GPUs per worker >= 0")
         self.settings = dataclasses.replace(settings, threads=threads_per_worker)
@@ -140,14 +142,14 @@ class RayExecutor:
             ray.shutdown()
             self._started_ray = False
 
-    def worker_info(self) -> list[dict]:
-        """Host:pid and peak memory of each live worker."""
+    def worker_info(self, timeout_s: float = 900.0) -> list[dict]:
+        """Host:pid and peak memory of each live worker (waits until each has loaded its models)."""
         import ray
 
         out = []
         for actor in self.actors:
             try:
-                out.append(ray.get(actor.info.remote(), timeout=60))
+                out.append(ray.get(actor.info.remote(), timeout=timeout_s))
             except Exception as exc:  # noqa: BLE001 - a dead worker has no info
                 out.append({"worker": "unavailable", "error": type(exc).__name__})
         return out
@@ -160,7 +162,7 @@ class RayExecutor:
         (models reloaded), a cheap ping tells when it is back, and only then does it get studies
         again; meanwhile its study goes to the next free worker."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayError, RayTaskError
 
         if not self.actors:
             self.start()
@@ -196,7 +198,7 @@ class RayExecutor:
                 index = pings.pop(done[0])
                 try:
                     ray.get(done[0])
-                except RayActorError:
+                except RayError:
                     time.sleep(0.5)  # still restarting: ping again
                     continue
                 recovering.pop(index, None)
@@ -206,7 +208,11 @@ class RayExecutor:
             index, ref = running.pop(done[0])
             try:
                 row = ray.get(done[0])
-            except RayActorError as exc:
+            except RayTaskError as exc:  # the processor records study errors itself: this is a bug, not a death
+                idle.append(index)
+                yield output.write_failure(ref, exc, attempts[ref.study_id], worker="ray")
+                continue
+            except RayError as exc:  # the worker died (killed, OOM, node lost) or Ray killed it for memory
                 self.deaths[index] += 1
                 log.warning("worker %d died while on %s (attempt %d): %s", index, ref.study_id,
                             attempts[ref.study_id], str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
