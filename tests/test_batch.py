@@ -314,6 +314,12 @@ def test_batch_infer_endpoint_on_the_datastore(dataset, sequential, tmp_path):
 
     studies = tmp_path / "ds"
     shutil.copytree(dataset / "studies", studies)
+    # supports annotate only ORGANS: the server's template sync stays as cheap as the CLI's
+    keep = [json.loads((dataset / "label_map.json").read_text())[o] for o in ORGANS]
+    for path in (studies / "labels" / "final").glob("*.nii.gz"):
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.where(np.isin(data, keep), data, 0).astype(np.uint8), img.affine), str(path))
     model_dir, out = tmp_path / "models", tmp_path / "batch-out"
     conf = {"label_map": dataset / "label_map.json", "medlam_checkpoint": DEMO_MEDLAM, "model_dir": model_dir,
             "template_store": model_dir / "templates.pt"}

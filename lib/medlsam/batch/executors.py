@@ -44,7 +44,9 @@ class LocalExecutor:
             yield self._processor.process(ref)
 
     def worker_info(self) -> list[dict]:
-        return [{"worker": "driver", "peak_rss_mb": peak_rss_mb()}]
+        from medlsam.batch.outputs import worker_name
+
+        return [{"worker": worker_name(), "peak_rss_mb": peak_rss_mb()}]
 
     def close(self) -> None:
         self._processor = None
