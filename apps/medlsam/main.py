@@ -74,6 +74,12 @@ class MedLSAMApp(MONAILabelApp):
     def init_strategies(self):
         return {}
 
+    def init_batch_infer(self):
+        # /batch/infer/medlsam runs medlsam.batch (docs/BATCH.md); other models keep MONAI Label's task
+        from tasks.batch_infer import MedLSAMBatchInfer
+
+        return MedLSAMBatchInfer(self.ctx)
+
     def on_init_complete(self):
         super().on_init_complete()
         # MONAI Label's routes take paths as ids and block the event loop: the app's own replace them

@@ -8,7 +8,7 @@ import sys
 
 # subcommand -> module under medlsam.commands; each module defines
 # add_parser(subparsers) which registers the parser and sets `func`.
-SUBCOMMANDS = ("generate", "localize", "segment", "eval", "bench", "train", "templates")
+SUBCOMMANDS = ("generate", "localize", "segment", "eval", "bench", "train", "templates", "run")
 
 
 class UserError(Exception):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medlsam.batch.sources import datastore_supports
 from medlsam.io import load_label_map, load_nifti
 from medlsam.medlam.patches import PatchEmbedder
 from medlsam.medlam.templates import TemplateSet, compute_support
@@ -32,20 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def find_datastore_supports(folder: Path) -> list[tuple[Path, Path]]:
-    """(image, final label) pairs of a MONAI Label local datastore folder."""
-    pairs = []
-    for image in sorted(folder.glob("*.nii*")):
-        label = folder / "labels" / "final" / image.name
-        if label.exists():
-            pairs.append((image, label))
-    return pairs
-
-
 def run(args: argparse.Namespace) -> int:
     pairs = [(Path(i), Path(l)) for i, l in args.support]
     if args.datastore:
-        pairs += find_datastore_supports(args.datastore)
+        pairs += datastore_supports(args.datastore)
     if not pairs:
         raise ValueError("no supports given: use --support IMAGE LABEL or --datastore FOLDER")
     label_ids = load_label_map(args.label_map)
