@@ -78,8 +78,8 @@ def covered_mask(shape, affine, z_range_lps) -> np.ndarray:
 # --- real CT ----------------------------------------------------------------------------------------
 def run_real(args) -> int:
     from medlsam.evaluation import reference_ct as rc
-    from medlsam.pipeline import boxes_for_segmenter
-    from medlsam.segment import Segmenter, build_backend, window_for_organ_name
+    from medlsam.pipeline import segment_localization
+    from medlsam.segment import Segmenter, build_backend
     from medlsam.synthetic import LABEL_MAP
 
     label_ids = rc.reference_label_map(LABEL_MAP)
@@ -105,35 +105,32 @@ def run_real(args) -> int:
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         z_range = localizer.last_registrations[support_name]["overlap_z_lps_mm"]
         covered = covered_mask(query.image.shape, query.image.affine, z_range)
-        organs = result["organs"]
-        measured = {o: e for o, e in organs.items() if o in query.references}
+        measured = result.subset([o for o in result.organs if o in query.references])
         labels = None
-        if args.segment and any(e["present"] for e in measured.values()):
+        if args.segment and measured.present:
             if segmenter is None:
                 segmenter = Segmenter(build_backend("litemedsam", threads=args.threads), in_plane_margin_mm=8.0,
                                       progress=False)
-            boxes = boxes_for_segmenter(measured, args.mode)
-            windows = {e["id"]: window_for_organ_name(o) for o, e in measured.items() if e["present"]}
-            labels = segmenter.segment_nifti(query.image, boxes, window_for_label=windows).labels
-        for organ, entry in organs.items():
+            labels = segment_localization(query.image, measured, segmenter).labels
+        for organ, entry in result.organs.items():
             ref = query.references.get(organ)
-            row = {"pair": pair, "organ": organ, "present": entry["present"], "absent_reason": entry["absent_reason"],
-                   "confidence": entry["confidence"], "box_voxel": entry["box_voxel"], "seconds": round(seconds, 1),
+            box = [list(entry.box.lo), list(entry.box.hi)]
+            row = {"pair": pair, "organ": organ, "present": entry.present, "absent_reason": entry.absent_reason,
+                   "confidence": entry.confidence, "box_voxel": box, "seconds": round(seconds, 1),
                    "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_rss_mb()), "coverage_z_lps": z_range}
             if ref is not None and ref.any():
                 truth_box = mask_box(ref)
                 reach = ref & covered
                 reach_box = mask_box(reach)
-                box = entry["box_voxel"]
                 row.update({
                     "reference_voxels": int(ref.sum()),
-                    "iou": box_iou_mm(box, truth_box, query.image.affine) if box else 0.0,
-                    "iou_covered": (box_iou_mm(box, reach_box, query.image.affine) if box else 0.0) if reach_box else None,
+                    "iou": box_iou_mm(box, truth_box, query.image.affine),
+                    "iou_covered": box_iou_mm(box, reach_box, query.image.affine) if reach_box else None,
                     "iou_bound": box_iou_mm(reach_box, truth_box, query.image.affine) if reach_box else 0.0,
                     "covered_fraction": round(float(reach.sum() / ref.sum()), 3),
                 })
                 if labels is not None:
-                    pred = (labels == entry["id"]) if entry["present"] else np.zeros(ref.shape, bool)
+                    pred = (labels == entry.label_id) if entry.present else np.zeros(ref.shape, bool)
                     row["dice"] = dice(pred, ref)
                     row["dice_covered"] = dice(pred & covered, reach) if reach.any() else None
             rows.append(row)
@@ -192,21 +189,21 @@ def run_generated(args) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         result = localizer.localize(image, mode=args.mode, seed=i)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        for organ, found in result["organs"].items():
+        for organ, found in result.organs.items():
             mask = truth == label_ids[organ]
             truth_box = mask_box(mask)
-            box = found["box_voxel"]
+            box = [list(found.box.lo), list(found.box.hi)]
             rows.append({
                 "study": study, "organ": organ, "voxels": int(mask.sum()),
-                "iou": None if truth_box is None else (box_iou_mm(box, truth_box, image.affine) if box else 0.0),
-                "present": found["present"], "confidence": found["confidence"],
-                "fraction_inside": found["fraction_inside"], "seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
-                "peak_rss_mb": round(peak_rss_mb()), "shape": list(image.shape), "timings": localizer.last_timings,
+                "iou": None if truth_box is None else box_iou_mm(box, truth_box, image.affine),
+                "present": found.present, "confidence": found.confidence,
+                "fraction_inside": found.fraction_inside, "seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
+                "peak_rss_mb": round(peak_rss_mb()), "shape": list(image.shape), "timings": result.timings,
             })
         atomic_write_bytes(rows_path, json.dumps(rows).encode())
         ious = [r["iou"] for r in rows if r["study"] == study and r["iou"] is not None]
         print(f"{study} {tuple(image.shape)}: mean IoU {np.mean(ious):.3f}, {seconds:.1f} s ({cpu:.1f} s CPU), "
-              f"peak RSS {peak_rss_mb():.0f} MB {localizer.last_timings}", flush=True)
+              f"peak RSS {peak_rss_mb():.0f} MB {result.timings}", flush=True)
     organs = [o for o in label_ids if any(r["organ"] == o for r in rows)]
     medlam = load_rows(args.medlam_rows) if args.medlam_rows else []
     report = generated_table(rows, organs, medlam) + "\n" + presence_line(rows) + "\n" + cost_line(rows) + "\n"

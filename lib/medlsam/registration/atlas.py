@@ -13,11 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
+from medlsam.errors import InputError
 from medlsam.io import atomic_path
 from medlsam.medlam.templates import check_label
 
-from .preprocessing import Grid, PreparedImage, nifti_to_sitk, physical_bounds, prepare_ct, resample_to
+from .preprocessing import Grid, PreparedImage, nifti_to_sitk, prepare_ct, resample_to
 from .registration import RegistrationSettings
 
 FORMAT = "medlsam-registration-atlas"
@@ -40,6 +42,17 @@ class SupportAtlas:
     def organs(self) -> list[str]:
         return list(self.label_ids)
 
+    def organ_box_lps(self, organ: str) -> tuple[np.ndarray, np.ndarray]:
+        """LPS box covering the organ's voxels on the support's label grid."""
+        if not hasattr(self, "_boxes"):
+            found = ndimage.find_objects(sitk.GetArrayViewFromImage(self.label))
+            self._boxes = {i + 1: f for i, f in enumerate(found) if f is not None}
+        zyx = self._boxes[self.label_ids[organ]]
+        grid = Grid.of(self.label)
+        lo = grid.origin + np.array([s.start for s in zyx])[::-1] * grid.spacing - grid.spacing / 2
+        hi = grid.origin + (np.array([s.stop for s in zyx])[::-1] - 1) * grid.spacing + grid.spacing / 2
+        return lo, hi
+
     @classmethod
     def build(cls, study_id: str, image: nib.Nifti1Image, label: nib.Nifti1Image | np.ndarray,
               label_ids: dict[str, int], settings: RegistrationSettings, label_spacing_mm: float = 2.0,
@@ -50,7 +63,7 @@ class SupportAtlas:
         by_id = {v: k for k, v in label_ids.items()}
         held = {by_id[int(i)]: int(i) for i in present if organs is None or by_id[int(i)] in organs}
         if not held:
-            raise ValueError(f"label of {study_id} holds none of the requested organs {organs}")
+            raise InputError(f"label of {study_id} holds none of the requested organs {organs}")
         voxel_mm3 = float(abs(np.linalg.det(image.affine[:3, :3])))
         counts = np.bincount(data.ravel().astype(np.int64), minlength=max(held.values()) + 1)
         volumes = {name: float(counts[i]) * voxel_mm3 for name, i in held.items()}
@@ -104,7 +117,3 @@ class SupportAtlas:
         label.SetSpacing(label_grid.spacing.tolist())
         return cls(meta["study_id"], prepared, label, {k: int(v) for k, v in meta["label_ids"].items()},
                    {k: float(v) for k, v in meta["volumes_mm3"].items()}, meta["settings_key"])
-
-
-def label_bounds(atlas: SupportAtlas) -> tuple[np.ndarray, np.ndarray]:
-    return physical_bounds(atlas.label)
