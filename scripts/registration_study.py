@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from medlsam.evaluation.metrics import box_iou_mm, dice, mask_box
 from medlsam.io import atomic_write_bytes, load_label_map, load_nifti
-from medlsam.registration import RegistrationLocalizer, RegistrationLocalizerSettings, SupportAtlas
+from medlsam.registration import RegistrationLocalizer, RegistrationLocalizerSettings, SupportAtlas, atlas_key
 from medlsam.registration.preprocessing import index_to_lps_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,7 +59,7 @@ def atlas_for(cache: Path, study_id: str, build, settings: RegistrationLocalizer
     path = cache / f"{study_id}.npz"
     if path.exists():
         try:
-            return SupportAtlas.load(path, settings.registration)
+            return SupportAtlas.load(path, atlas_key(settings.registration, settings.label_spacing_mm))
         except ValueError:
             pass
     atlas = build()

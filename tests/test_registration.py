@@ -16,7 +16,9 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from medlsam.errors import InputError
 from medlsam.evaluation.metrics import box_iou_mm, dice, mask_box
 from medlsam.localization import StudyLocalization
-from medlsam.registration import RegistrationLocalizer, RegistrationLocalizerSettings, RegistrationSettings, SupportAtlas
+from medlsam.registration import (
+    RegistrationLocalizer, RegistrationLocalizerSettings, RegistrationSettings, SupportAtlas, atlas_key,
+)
 from medlsam.registration.fusion import fuse_organ, organ_boxes
 from medlsam.registration.preprocessing import prepare_ct
 from medlsam.registration.registration import z_offset_search
@@ -127,13 +129,13 @@ def test_vote_and_median_fusion():
 def test_atlas_cache_round_trip_and_settings_check(atlas, tmp_path):
     path = tmp_path / "s21.npz"
     atlas.save(path)
-    loaded = SupportAtlas.load(path, FAST.registration)
+    loaded = SupportAtlas.load(path, atlas_key(FAST.registration, FAST.label_spacing_mm))
     assert loaded.label_ids == atlas.label_ids and loaded.volumes_mm3 == atlas.volumes_mm3
     assert np.array_equal(sitk.GetArrayFromImage(loaded.label), sitk.GetArrayFromImage(atlas.label))
     assert np.allclose(loaded.prepared.slices, atlas.prepared.slices)
     assert loaded.label.GetOrigin() == pytest.approx(atlas.label.GetOrigin())
     with pytest.raises(ValueError, match="prepared with"):
-        SupportAtlas.load(path, RegistrationSettings(spacing_mm=4.0))
+        SupportAtlas.load(path, atlas_key(RegistrationSettings(spacing_mm=4.0), FAST.label_spacing_mm))
 
 
 def test_errors_name_the_problem(support, atlas):

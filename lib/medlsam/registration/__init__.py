@@ -4,8 +4,8 @@
     result = RegistrationLocalizer([atlas, ...]).localize(query_image, mode="SPL")
 """
 
-from .atlas import SupportAtlas
+from .atlas import SupportAtlas, atlas_key
 from .localizer import RegistrationLocalizer, RegistrationLocalizerSettings
 from .registration import RegistrationSettings, register
 
-__all__ = ["RegistrationLocalizer", "RegistrationLocalizerSettings", "RegistrationSettings", "SupportAtlas", "register"]
+__all__ = ["RegistrationLocalizer", "RegistrationLocalizerSettings", "RegistrationSettings", "SupportAtlas", "atlas_key", "register"]

@@ -27,6 +27,11 @@ VERSION = 2  # 2: slice descriptors
 LABEL_MARGIN_MM = 10.0
 
 
+def atlas_key(settings: RegistrationSettings, label_spacing_mm: float) -> dict:
+    """What a prepared support depends on: a cached one made otherwise must be rebuilt."""
+    return {**settings.cache_key(), "label_spacing_mm": float(label_spacing_mm), "version": VERSION}
+
+
 @dataclass
 class SupportAtlas:
     """One support study: its prepared registration image and its organ label on an LPS grid."""
@@ -36,7 +41,7 @@ class SupportAtlas:
     label: sitk.Image  # uint8 organ ids, axis-aligned LPS grid cropped around the organs
     label_ids: dict[str, int]  # the organs this label holds
     volumes_mm3: dict[str, float]  # per organ, measured on the support's own voxels
-    settings_key: dict
+    settings_key: dict  # see `atlas_key`
 
     @property
     def organs(self) -> list[str]:
@@ -80,7 +85,7 @@ class SupportAtlas:
         grid = Grid.covering(lo, hi, min(label_spacing_mm, float(spacing.max())))
         label_img = resample_to(native, grid, sitk.sitkNearestNeighbor, 0, pixel_type=sitk.sitkUInt8)
         prepared = prepare_ct(image, settings.spacing_mm, settings.clamp_hu, name=f"support {study_id}")
-        return cls(study_id, prepared, label_img, held, volumes, settings.cache_key())
+        return cls(study_id, prepared, label_img, held, volumes, atlas_key(settings, label_spacing_mm))
 
     # --- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -95,8 +100,9 @@ class SupportAtlas:
                                     label=sitk.GetArrayFromImage(self.label))
 
     @classmethod
-    def load(cls, path: str | Path, settings: RegistrationSettings | None = None) -> "SupportAtlas":
-        """Read a saved support; refuse one prepared with other settings than `settings`."""
+    def load(cls, path: str | Path, expected_key: dict | None = None) -> "SupportAtlas":
+        """Read a saved support; refuse one prepared with other settings than `expected_key`
+        (from `atlas_key`)."""
         path = Path(path)
         try:
             with np.load(path) as z:
@@ -108,8 +114,8 @@ class SupportAtlas:
             raise ValueError(f"{path} is not a readable registration atlas: {exc}") from exc
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{path} is not a registration atlas of format version {VERSION}")
-        if settings is not None and meta["settings_key"] != settings.cache_key():
-            raise ValueError(f"{path} was prepared with {meta['settings_key']}, not {settings.cache_key()}")
+        if expected_key is not None and meta["settings_key"] != expected_key:
+            raise ValueError(f"{path} was prepared with {meta['settings_key']}, not {expected_key}")
         prepared = PreparedImage.from_dict({**arrays, "grid": meta["grid"]})
         label_grid = Grid.from_dict(meta["label_grid"])
         label = sitk.GetImageFromArray(arrays["label"].astype(np.uint8))

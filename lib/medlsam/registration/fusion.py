@@ -14,7 +14,7 @@ class FusedOrgan:
     offset: np.ndarray  # (3,) index of the region's first voxel on the query label grid
     box: tuple[np.ndarray, np.ndarray] | None  # inclusive (z, y, x) box on the query label grid
     agreement: float  # mean Dice of each support's mask with the fused one (1.0 for one support)
-    fraction_inside: float  # fused volume / volume the supports expect in the query
+    fraction_inside: float  # median over supports: warped volume in the query / volume expected there
     n_supports: int
     n_found: int  # supports whose warped organ reached the query at all
 
@@ -74,6 +74,7 @@ def fuse_organ(warped: list[np.ndarray], boxes: list[dict], label_id: int, expec
     if not fused.any():  # no voxel reached the vote: the union stands in for the mask
         fused = votes > 0
     agreement = 1.0 if n == 1 else float(np.mean([_dice(m, fused) for m in masks]))
-    expected = float(np.median(expected_mm3)) if expected_mm3 else 0.0
-    fraction = float(fused.sum() * voxel_mm3 / expected) if expected > 0 else 0.0
-    return FusedOrgan(fused, lo, box, agreement, min(fraction, 1.0), n, len(found_boxes))
+    # how much of each support's organ lands inside the query (not the fused mask: a vote shrinks small
+    # organs the supports disagree on, without any of them being outside the scan)
+    fractions = [min(1.0, float(m.sum()) * voxel_mm3 / e) if e > 0 else 0.0 for m, e in zip(masks, expected_mm3)]
+    return FusedOrgan(fused, lo, box, agreement, float(np.median(fractions)), n, len(found_boxes))

@@ -114,7 +114,7 @@ def body_mask(hu_zyx: np.ndarray) -> np.ndarray:
 @dataclass
 class PreparedImage:
     """A CT study on an axis-aligned LPS grid at the registration spacing, HU clamped, air outside the
-    body; plus its body mask and per-slice profiles for the z initialisation."""
+    body; plus its body mask and per-slice descriptors for the z initialisation."""
 
     image: sitk.Image  # float32 HU
     body: sitk.Image  # uint8

@@ -1,4 +1,4 @@
-"""Register a support study to a query: z-profile initialisation -> rigid -> affine -> coarse B-spline.
+"""Register a support study to a query: z-offset search -> similarity -> affine (-> coarse B-spline).
 
 The transform maps query (fixed) LPS points to support (moving) LPS points, SimpleITK's
 convention, which is what resampling a support label onto the query grid needs.
@@ -32,21 +32,21 @@ class RegistrationSettings:
     bspline_shrink_factors: tuple[int, ...] = (2,)
     bspline_smoothing_mm: tuple[float, ...] = (4.0,)
     bspline_iterations: int = 20
-    z_search: bool = True  # initial z offset from slice profiles (fields of view may differ)
+    z_search: bool = True  # initial z offset from slice descriptors (fields of view may differ)
     min_overlap_mm: float = 40.0  # smallest z overlap the initial search considers
     overlap_preference: float = 0.1  # score bonus of a full overlap over a minimal one
     seed: int = 0
 
     def cache_key(self) -> dict:
-        """The settings the cached support preprocessing depends on."""
-        return {"spacing_mm": self.spacing_mm, "clamp_hu": list(self.clamp_hu)}
+        """The settings a prepared (cached) image depends on."""
+        return {"spacing_mm": float(self.spacing_mm), "clamp_hu": [float(v) for v in self.clamp_hu]}
 
 
 @dataclass
 class RegistrationResult:
     transform: sitk.Transform  # query LPS point -> support LPS point
     affine: sitk.Transform  # the linear part alone
-    z_offset_mm: float  # from the profile search
+    z_offset_mm: float  # from the slice-descriptor search
     overlap_mm: tuple[float, float]  # query z range (LPS) the support covers after the initial search
     metric: dict = field(default_factory=dict)  # final metric value per stage
 
@@ -99,7 +99,7 @@ def _body_centroid(prepared: PreparedImage, z_lo: float, z_hi: float) -> np.ndar
 
 
 def initial_translation(fixed: PreparedImage, moving: PreparedImage, settings: RegistrationSettings):
-    """Translation (fixed -> moving) from the z-profile search and the body centroids of the overlap."""
+    """Translation (fixed -> moving) from the slice-descriptor z search and the body centroids of the overlap."""
     fg, mg = fixed.grid, moving.grid
     f_lo, f_hi = fg.origin[2], fg.origin[2] + (fg.size[2] - 1) * fg.spacing[2]
     m_lo, m_hi = mg.origin[2], mg.origin[2] + (mg.size[2] - 1) * mg.spacing[2]
