@@ -229,3 +229,34 @@ def test_real_ct_aorta_segmented_inside_the_registration_box(real):
     segmenter = Segmenter(build_backend("litemedsam", threads=2), in_plane_margin_mm=8.0, progress=False)
     labels = segment_localization(slab.image, loc, segmenter).labels
     assert dice(labels == ids["aorta"], slab.references["aorta"]) >= 0.5
+
+
+def test_atlas_store_follows_the_annotated_studies(support, tmp_path):
+    from medlsam.medlam.store import SupportStudy
+    from medlsam.registration.store import AtlasStore
+
+    files = {}
+    abdomen = generate_study(23, preset="tiny", scan_range="abdomen")
+    only_a = sorted(set(support.meta["organs_present"]) - set(abdomen.meta["organs_present"]))
+    assert only_a and "liver" in abdomen.meta["organs_present"]
+    for sid, study in (("a", support), ("b", abdomen)):
+        nib.save(study.image, tmp_path / f"{sid}.nii.gz")
+        nib.save(study.label, tmp_path / f"{sid}_label.nii.gz")
+        files[sid] = SupportStudy(sid, tmp_path / f"{sid}.nii.gz", tmp_path / f"{sid}_label.nii.gz")
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(support.image.shape, np.uint8), support.image.affine), bad)
+    files["bad"] = SupportStudy("bad", tmp_path / "a.nii.gz", bad)
+
+    store = AtlasStore(tmp_path / "atlases", LABEL_MAP, FAST, max_supports=1)
+    report = store.sync(list(files.values()))
+    assert sorted(report["added"]) == ["a", "b"] and "no foreground" in report["failed"]["bad"]
+    # one support per organ: the newest holder ("b", abdomen only) where it has the organ, else "a"
+    summary = store.summary()["organs"]
+    assert summary["liver"]["study_ids"] == ["b"] and summary[only_a[0]]["study_ids"] == ["a"]
+    assert {a.study_id for a in store.selected()} == {"a", "b"}
+    # a fresh store reads the saved supports and has nothing to redo; a removed study is dropped
+    again = AtlasStore(tmp_path / "atlases", LABEL_MAP, FAST, max_supports=1)
+    report = again.sync([files["a"]])
+    assert report["added"] == [] and report["removed"] == ["b"]
+    assert not (tmp_path / "atlases" / "b.npz").exists()
+    assert set(again.localizer().organs) == set(support.meta["organs_present"])

@@ -70,8 +70,10 @@ class RegistrationLocalizer:
     name = "registration"
 
     def __init__(self, supports: list[SupportAtlas], settings: RegistrationLocalizerSettings | None = None,
-                 label_ids: dict[str, int] | None = None):
+                 label_ids: dict[str, int] | None = None, organ_supports: dict[str, list[str]] | None = None):
+        """`organ_supports` limits each organ to some supports (study ids), e.g. the newest few holding it."""
         self.supports = list(supports)
+        self.organ_supports = organ_supports
         self.settings = settings or RegistrationLocalizerSettings()
         ids: dict[str, int] = {}
         for s in self.supports:
@@ -79,9 +81,14 @@ class RegistrationLocalizer:
         self.label_ids = dict(label_ids) if label_ids else ids
         self.last_registrations: dict[str, dict] = {}  # per support: overlap, metric values (diagnostics)
 
+    def _holds(self, atlas: SupportAtlas, organ: str) -> bool:
+        if organ not in atlas.label_ids:
+            return False
+        return self.organ_supports is None or atlas.study_id in self.organ_supports.get(organ, ())
+
     @property
     def organs(self) -> list[str]:
-        held = {o for s in self.supports for o in s.label_ids}
+        held = {o for s in self.supports for o in s.label_ids if self._holds(s, o)}
         return sorted(held, key=lambda n: self.label_ids.get(n, 0))
 
     def _resolve_organs(self, organs) -> list[str]:
@@ -121,7 +128,7 @@ class RegistrationLocalizer:
 
         wanted = set(names)
         registered = [self._register(query, atlas, label_grid, reg)
-                      for atlas in self.supports if wanted & set(atlas.label_ids)]
+                      for atlas in self.supports if any(self._holds(atlas, o) for o in wanted)]
         self.last_registrations = {r.atlas.study_id: {
             "overlap_z_lps_mm": [round(v, 1) for v in r.result.overlap_mm],
             "z_offset_mm": round(r.result.z_offset_mm, 1),
@@ -132,7 +139,7 @@ class RegistrationLocalizer:
         voxel_mm3 = float(np.prod(label_grid.spacing))
         located = {}
         for organ in names:
-            holders = [r for r in registered if organ in r.atlas.label_ids]
+            holders = [r for r in registered if self._holds(r.atlas, organ)]
             label_id = self.label_ids[organ]
             fused = fuse_organ([r.warped for r in holders], [r.boxes for r in holders], label_id,
                                [r.atlas.volumes_mm3[organ] / r.volume_scale for r in holders], voxel_mm3,
