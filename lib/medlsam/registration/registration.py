@@ -25,7 +25,7 @@ class RegistrationSettings:
     smoothing_mm: tuple[float, ...] = (4.0, 0.0)
     histogram_bins: int = 32
     samples: int = 20000  # metric samples per iteration (random, inside the query's body mask)
-    rigid_iterations: int = 60
+    similarity_iterations: int = 60  # rotation, isotropic scale, translation
     affine_iterations: int = 60
     bspline: bool = False  # coarse deformable stage: costly and not better on average (see the study)
     bspline_mesh_mm: float = 80.0  # control-point spacing of the deformable stage
@@ -190,14 +190,11 @@ def register(fixed: PreparedImage, moving: PreparedImage, settings: Registration
     t, centre, overlap = initial_translation(fixed, moving, s)
     mask = _overlap_mask(fixed, overlap, margin_mm=2 * s.spacing_mm)
     metric = {}
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(centre.tolist())
-    rigid.SetTranslation(t.tolist())
     similarity = sitk.Similarity3DTransform()
     similarity.SetCenter(centre.tolist())
     similarity.SetTranslation(t.tolist())
-    if s.rigid_iterations:
-        similarity, metric["similarity"] = _linear_stage(fixed, moving, mask, similarity, s.rigid_iterations, s)
+    if s.similarity_iterations:
+        similarity, metric["similarity"] = _linear_stage(fixed, moving, mask, similarity, s.similarity_iterations, s)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
