@@ -13,7 +13,7 @@ pytestmark = pytest.mark.server
 def test_server_starts_answers_info_and_stops(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
-    with running_server(studies) as url:
+    with running_server(studies, {"labels": "liver,spleen"}) as url:  # a new datastore: organs named at start-up
         info = httpx.get(f"{url}/info/", timeout=30).json()
         assert info["name"] == "MedLSAM"
         assert "datastore" in info

@@ -8,8 +8,9 @@ import tempfile
 import threading
 
 import nibabel as nib
+import numpy as np
 
-from medlsam.io import load_nifti
+from medlsam.io import load_image
 from medlsam.labels import LabelMap
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
 from medlsam.medlam.store import EmbedderSource, SupportStudy, TemplateStore
@@ -30,6 +31,9 @@ class MedLSAMContext:
         self.datastore = datastore
         self.label_map: LabelMap = datastore.label_map
         self.label_ids = self.label_map.to_dict()
+        # what clients get: values 1..N in label-id order (3D Slicer maps result values 1..N to the
+        # names sorted by value; OHIF maps them through the models' /info labels)
+        self.client_labels = self.label_map.consecutive()
         self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
@@ -55,7 +59,8 @@ class MedLSAMContext:
         return path
 
     def load_image(self, path: str) -> nib.Nifti1Image:
-        return load_nifti(path)
+        """A NIfTI, NRRD or DICOM-folder study as a NIfTI image (array[i, j, k], RAS affine)."""
+        return load_image(path)
 
     def support_studies(self) -> list[SupportStudy]:
         """Datastore studies with a final label."""
@@ -100,6 +105,17 @@ class MedLSAMContext:
     def segment_lock(self) -> threading.Lock:
         """One segmentation at a time: the backend and its caches are shared."""
         return self._segment_lock
+
+    def client_volume(self, labels) -> tuple[np.ndarray, dict]:
+        """A label volume with label-map ids as clients get it: values renumbered 1..N
+        (`client_labels`), `label_names` = the whole map (so names stay right when organs are
+        absent), `label_info` = the organs present in ascending value order (how MONAI Label's DICOM
+        SEG conversion names segments)."""
+        volume = self.label_map.to_consecutive(labels)
+        names = {v: n for n, v in self.client_labels.items()}
+        present = [int(v) for v in np.unique(volume) if v]
+        return volume, {"label_names": dict(self.client_labels),
+                        "label_info": [{"name": names[v], "idx": v} for v in present]}
 
     @staticmethod
     def result_file() -> str:

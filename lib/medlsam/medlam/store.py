@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlsam.errors import ModelFileMissing
-from medlsam.io import load_nifti
+from medlsam.io import load_image
 from medlsam.medlam.patches import PatchEmbedder
 from medlsam.medlam.templates import TemplateMismatchError, TemplateSet, compute_support
 
@@ -122,8 +122,8 @@ class TemplateStore:
 
     def add_support(self, study: SupportStudy) -> dict[str, int]:
         """(Re)compute one study's contribution; on any error the store is left as it was."""
-        image = load_nifti(study.image)
-        label = load_nifti(study.label, what="label")
+        image = load_image(study.image)
+        label = load_image(study.label, what="label")
         with self._lock:
             templates, embedder, stale = self._current()
             if stale:
@@ -155,7 +155,7 @@ class TemplateStore:
                     continue
                 try:
                     contributions = compute_support(
-                        embedder, load_nifti(study.image), load_nifti(study.label, what="label"),
+                        embedder, load_image(study.image), load_image(study.label, what="label"),
                         self.label_ids, study.study_id,
                     )
                 except (ValueError, FileNotFoundError) as exc:
