@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from medlsam.errors import ConfigurationError, InputError
 from medlsam.io import declared_shape, load_image, sitk_affine
@@ -106,6 +107,28 @@ def test_slicer_roi_with_reversed_pairs_is_the_box_it_shows(study):
         with pytest.raises(HTTPException) as err:
             roi_param(bad, img.shape)
         assert err.value.status_code == 422
+
+
+def test_box_from_clicks_frames_the_clicked_organ(study):
+    """A click without a box: the box grows over the clicked tissue (LiteMedSAM needs a box)."""
+    from medlsam.geometry import AxialView
+    from medlsam.segment.point_box import box_from_clicks
+    from medlsam.synthetic import LABEL_MAP
+
+    view = AxialView.from_nifti(study["nifti"])
+    labels = AxialView.from_nifti(nib.Nifti1Image(study["label"].astype(np.int16), study["nifti"].affine)).array
+    liver = labels == LABEL_MAP["liver"]
+    z = int(np.argmax(liver.sum((1, 2))))
+    inside = ndimage.distance_transform_edt(liver[z])
+    click = np.unravel_index(int(np.argmax(inside)), inside.shape)
+    y0, x0, y1, x1 = box_from_clicks(view.array[z], [click], spacing_yx=view.spacing_zyx[1:])
+    ys, xs = np.nonzero(liver[z])
+    covered = ((ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)).mean()
+    organ_area = (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+    print(f"\nbox from a liver click: covers {covered:.2f} of the liver, {(y1 - y0 + 1) * (x1 - x0 + 1) / organ_area:.2f}"
+          " x its box")
+    assert covered > 0.9 and (y1 - y0 + 1) * (x1 - x0 + 1) < 3 * organ_area
+    assert box_from_clicks(view.array[z], []) is None
 
 
 def test_sam_2d_slice_choice():

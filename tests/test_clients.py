@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -129,7 +130,8 @@ def parse_raw_nrrd(body: bytes) -> tuple[dict, np.ndarray]:
 def liver_prompt(root, study):
     liver = truth(root, study) == SPARSE["liver"]
     k = int(np.argmax(liver.sum((0, 1))))
-    i, j = np.argwhere(liver[:, :, k]).mean(0).round().astype(int)
+    inside = ndimage.distance_transform_edt(liver[:, :, k])  # the click: deep inside the organ
+    i, j = np.unravel_index(int(np.argmax(inside)), inside.shape)
     lo, hi = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
     return liver, k, [int(i), int(j), k], lo, hi
 
@@ -154,21 +156,23 @@ def test_info_lists_models_where_the_clients_look(server):
 # --- 3D Slicer --------------------------------------------------------------------------------------
 def test_slicer_sam_roi_interleaved_or_reversed_gives_the_same_mask(server, tmp_path):
     study = NIFTI_STUDY
-    liver, _, _, lo, hi = liver_prompt(server["root"], study)
-    interleaved = [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
-    reversed_pairs = [int(hi[0]), int(lo[0]), int(hi[1]), int(lo[1]), int(lo[2]), int(hi[2])]
+    liver, k, _, lo, hi = liver_prompt(server["root"], study)
+    k0, k1 = k - 2, k + 2  # five slices keep it quick
+    interleaved = [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), k0, k1]
+    reversed_pairs = [int(hi[0]), int(lo[0]), int(hi[1]), int(lo[1]), k1, k0]
     params = {"label": "liver", "foreground": [], "background": []}
     a, result = slicer_infer(server, tmp_path, "sam", study, {**params, "roi": interleaved})
     b, _ = slicer_infer(server, tmp_path, "sam", study, {**params, "roi": reversed_pairs})
-    score = dice(a == 1, liver)
-    print(f"\nSlicer sam roi {interleaved} on {study}: liver Dice {score:.3f}, {result['slices']} slices")
+    score = dice(a[:, :, k0:k1 + 1] == 1, liver[:, :, k0:k1 + 1])
+    print(f"\nSlicer sam roi {interleaved} on {study}: liver Dice {score:.3f} on slices {k0}..{k1}")
     assert result["label_names"] == {"liver": 1} and set(np.unique(a)) == {0, 1}
+    assert result["slices"] == 5 and set(np.nonzero(a.sum((0, 1)))[0]) <= set(range(k0, k1 + 1))
     assert np.array_equal(a, b)
-    assert score > 0.55
+    assert score > 0.75  # the liver's own box on its widest slices: read as [i0, j0, i1, j1] it would miss
     # an ROI reaching beyond the volume is clamped
-    beyond = [-20, int(hi[0]), int(lo[1]), int(hi[1]) + 500, int(lo[2]), int(hi[2])]
+    beyond = [-20, int(hi[0]), int(lo[1]), int(hi[1]) + 500, k, k]
     c, _ = slicer_infer(server, tmp_path, "sam", study, {**params, "roi": beyond})
-    assert c.sum() > 0
+    assert c[:, :, k].sum() > 0
 
 
 def test_slicer_sam_2d_segments_the_clicked_slice_of_a_free_segment(server, tmp_path):
@@ -201,10 +205,11 @@ def test_slicer_local_volume_session_infer_and_submit(server, tmp_path):
     assert client.get_session(session_id)
     node = "CT chest"
     liver, k, point, lo, hi = liver_prompt(root, study)
-    roi = [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
+    roi = [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), k - 1, k + 1]
     mask, result = slicer_infer(server, tmp_path, "sam", node, {"label": "liver", "foreground": [point],
                                                                   "background": [], "roi": roi}, session_id=session_id)
-    assert dice(mask == 1, liver) > 0.55
+    # the liver's whole in-plane box on three slices (loose away from its widest slice) and one click
+    assert result["slices"] == 3 and dice(mask[:, :, k - 1:k + 2] == 1, liver[:, :, k - 1:k + 2]) > 0.6
     # a session is no key to other server paths
     refused = httpx.post(f"{server['url']}/infer/sam?image=x", timeout=60, data={"params": json.dumps(
         {"session": {"name": "x"}, "image": "/etc/passwd", "roi": roi})})

@@ -22,6 +22,7 @@ from medlsam.io import save_nifti
 from medlsam.labels import LabelMap
 from medlsam.medlam.store import SupportStudy
 
+from .errors import request_errors
 from .label_check import FinalLabelCheck, LabelUpload
 
 FINAL = "final"
@@ -98,18 +99,22 @@ class LocalStudyStore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Store a label (NIfTI, NRRD or .seg.nrrd upload) as `labels/<tag>/<id>.nii.gz` on the image's
         grid; final labels are checked and their segments named by the label map first."""
-        if image_id not in self.list_images():
-            raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
-        info = dict(label_info or {})
-        upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
-                             label_tag, info)
+        label_tag = str(getattr(label_tag, "value", label_tag))  # MONAI Label passes DefaultLabelTag members
+        with request_errors("saving the label"):  # 404 unknown image, 422 a label the app cannot use
+            if image_id not in self.list_images():
+                raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
+            info = dict(label_info or {})
+            upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
+                                 label_tag, info)
         target = self.label_folder(label_tag) / f"{image_id}{STORED_SUFFIX}"
         previous = self.get_label_uri(image_id, label_tag) if label_tag in self.get_labels_by_image_id(image_id) else ""
         save_nifti(upload.image, target)  # one atomic rename
         if previous and os.path.realpath(previous) != os.path.realpath(target):
             self.remove_label(image_id, label_tag)  # a label of another file type: the new one replaces it
         self.refresh()
-        info.update(upload.report(), ts=int(time.time()), name=target.name)
+        if label_tag == FINAL:
+            info.update(upload.report())
+            self.save_reports[image_id] = upload.report()
+        info.update(ts=int(time.time()), name=target.name)
         self.update_label_info(image_id, label_tag, info)
-        self.save_reports[image_id] = upload.report()
         return image_id

@@ -281,6 +281,7 @@ class PacsDatastore(DICOMWebDatastore):
                    label_id: str = "") -> str:
         """Final labels become a DICOM SEG whose segments are named after the organs (the upload is
         read and mapped onto the label map first); other tags stay in the local cache as NIfTI."""
+        label_tag = str(getattr(label_tag, "value", label_tag))  # MONAI Label passes DefaultLabelTag members
         label_info = dict(label_info or {})
         temporary = []
         if label_filename.endswith(".bin"):  # OHIF sends raw voxels in the series' order
@@ -296,9 +297,9 @@ class PacsDatastore(DICOMWebDatastore):
             os.close(fd)
             temporary.append(mapped)
             save_nifti(upload.image, mapped)
-            label_info.update(upload.report())
-            self.save_reports[image_id] = upload.report()
             if label_tag == FINAL:
+                label_info.update(upload.report())
+                self.save_reports[image_id] = upload.report()
                 if "label_info" in label_info:  # the client's own list, kept for reference
                     label_info["client_label_info"] = label_info["label_info"]
                 # MONAI Label names segment i after label_info[i], in ascending value order

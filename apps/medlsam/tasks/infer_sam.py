@@ -8,6 +8,8 @@ Prompts, all in the study's voxel indices (i, j, k):
 - `foreground` / `background`: [[i, j, k], ...];
 - `slice` (sam_2d): the k index of the slice to segment;
 - `label`: the segment's name, any name (it only picks the CT window and names the result).
+Clicks without a box get a box grown from the clicked tissue (`medlsam.segment.point_box`): the
+box-trained LiteMedSAM answers a lone click with an empty mask.
 The result is a binary mask (1 = the object), `label_names` {label: 1}: 3D Slicer puts value 1 into
 the selected segment, OHIF into the selected label.
 """
@@ -23,6 +25,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from medlsam.geometry import AxialView
 from medlsam.io import save_nifti
 from medlsam.segment import window_for_organ_name
+from medlsam.segment.point_box import box_from_clicks
 
 from .context import MedLSAMContext
 from .errors import bad_request, request_errors
@@ -100,8 +103,10 @@ class SAMInfer(InferTask):
         for z in slices:
             fz = [p[1:] for p in fg if round(p[0]) == z]
             bz = [p[1:] for p in bg if round(p[0]) == z]
-            if box is not None or fz:
+            if box is not None:
                 plan.append((z, box, fz, bz))
+            elif fz:  # clicks only: LiteMedSAM / MedSAM need a box, grown from the clicked tissue
+                plan.append((z, box_from_clicks(view.array[z], fz, bz, view.spacing_zyx[1:]), fz, bz))
         return plan
 
 
