@@ -505,7 +505,7 @@ def test_command_refuses_bad_input(dataset, tmp_path, capsys):
     args = _eval_args(dataset, tmp_path / "c")
     args[args.index("--organs") + 1] = "brain"
     assert cli.main(args) == 2
-    assert "not in the label map" in capsys.readouterr().err
+    assert "unknown organ 'brain'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -217,29 +217,7 @@ def _checked(img: nib.Nifti1Image, path: Path, what: str) -> nib.Nifti1Image:
 
 
 def load_label_map(path: str | os.PathLike) -> dict[str, int]:
-    """Read a JSON label map {organ name: label id} and check it."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label map not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"label map {path} is not valid JSON: {exc}") from exc
-    return check_label_map(raw, source=str(path))
+    """Read a JSON label map {organ name: label id} and check it (see `medlsam.labels.LabelMap`)."""
+    from medlsam.labels import LabelMap
 
-
-def check_label_map(raw: Any, source: str = "label map") -> dict[str, int]:
-    """Validate {name: id} with unique positive integer ids; return it with int ids."""
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{source}: expected a non-empty JSON object {{name: id}}")
-    out: dict[str, int] = {}
-    for name, value in raw.items():
-        if name.lower() == "background":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 256:
-            raise ValueError(f"{source}: id of {name!r} must be an integer in 1..255, got {value!r}")
-        out[str(name)] = value
-    ids = list(out.values())
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{source}: label ids must be unique")
-    return out
+    return LabelMap.from_file(path).to_dict()

@@ -9,13 +9,13 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from medlsam.errors import ConfigurationError, InputError, NotFoundError
+from medlsam.errors import ConfigurationError, InputError
 
 MAX_LABEL_ID = 255  # label volumes are uint8
 
 
-class UnknownOrganError(NotFoundError):
-    """An organ name or id that the label map (or the template store) does not know."""
+class UnknownOrganError(InputError):
+    """An organ name or id that the label map does not know (a bad request parameter: 422, not 404)."""
 
 
 class LabelMap(Mapping[str, int]):

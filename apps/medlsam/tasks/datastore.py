@@ -99,13 +99,17 @@ class LocalStudyStore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Store a label (NIfTI, NRRD or .seg.nrrd upload) as `labels/<tag>/<id>.nii.gz` on the image's
         grid; final labels are checked and their segments named by the label map first."""
-        label_tag = str(getattr(label_tag, "value", label_tag))  # MONAI Label passes DefaultLabelTag members
-        with request_errors("saving the label"):  # 404 unknown image, 422 a label the app cannot use
-            if image_id not in self.list_images():
-                raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
-            info = dict(label_info or {})
-            upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
-                                 label_tag, info)
+        # called by MONAI Label's endpoint directly: errors must leave as HTTP answers
+        with request_errors("saving the label"):
+            return self._save_label(image_id, label_filename, str(getattr(label_tag, "value", label_tag)),
+                                    label_info)
+
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        if image_id not in self.list_images():
+            raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
+        info = dict(label_info or {})
+        upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
+                             label_tag, info)
         target = self.label_folder(label_tag) / f"{image_id}{STORED_SUFFIX}"
         previous = self.get_label_uri(image_id, label_tag) if label_tag in self.get_labels_by_image_id(image_id) else ""
         save_nifti(upload.image, target)  # one atomic rename

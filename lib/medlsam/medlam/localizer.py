@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medlsam.errors import NotFoundError
+from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
 from medlsam.labels import LabelMap
 from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode
@@ -137,7 +137,7 @@ class Localizer:
 
     def _resolve_organs(self, organs) -> list[str]:
         if not self.templates.organs:
-            raise NotFoundError("no support templates yet: save a final label for at least one study first")
+            raise InputError("no support templates yet: save a final label for at least one study first")
         if not organs:
             return self.templates.organs
         label_map = LabelMap(self.templates.label_ids, source="templates")
@@ -145,10 +145,10 @@ class Localizer:
         for organ in organs:
             try:
                 name = label_map.resolve(organ)
-            except NotFoundError:
+            except InputError:  # not even an organ the templates know
                 name = None
             if name is None or name not in self.templates.supports:
-                raise NotFoundError(f"organ {organ!r} has no support template "
+                raise InputError(f"organ {organ!r} has no support template "
                                     f"(organs with templates: {', '.join(self.templates.organs) or 'none'})")
             names.append(name)
         return list(dict.fromkeys(names))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medlsam.errors import InputError, NotFoundError
+from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
 from medlsam.io import atomic_path
 from medlsam.localization import EXTREME_POINTS  # noqa: F401  (their order, used by extreme_points)
@@ -170,7 +170,7 @@ class TemplateSet:
         entries = self.supports.get(name)
         if not entries:
             known = ", ".join(self.organs) or "none"
-            raise NotFoundError(f"organ {name!r} has no support template (organs with templates: {known})")
+            raise InputError(f"organ {name!r} has no support template (organs with templates: {known})")
         # SPL parts only average between supports that split the organ into the same number of parts.
         n_parts = Counter(len(s.spl) for s in entries).most_common(1)[0][0]
         spl_entries = [s for s in entries if len(s.spl) == n_parts]
