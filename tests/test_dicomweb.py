@@ -311,7 +311,7 @@ def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     assert np.allclose(label.affine, series.affine, atol=1e-3)
     data = np.asanyarray(label.dataobj)
     gt = truth(dataset, sid)
-    scores = {name: dice(data == i, gt == i) for name, i in params["label_names"].items()}
+    scores = {"liver": dice(data == params["label_names"]["liver"], gt == LABEL_MAP["liver"])}
     print(f"\n/infer/medlsam on series {series_uid(dataset, sid)} ({sid}): Dice {scores}, "
           f"{params['timings']}")
     assert params["label_names"] == LABEL_MAP  # the whole map (ids 1..N here): Slicer names values by rank
@@ -422,8 +422,10 @@ def test_ohif_runs_medlsam_and_shows_the_overlay(server, dataset):
     if ARTIFACTS.exists():
         shutil.rmtree(ARTIFACTS)
     started = time.monotonic()
+    step_timeout = int(os.environ.get("MEDLSAM_E2E_TIMEOUT", "300"))  # seconds per browser step (slow machines)
     run = subprocess.run([node, str(E2E / "ohif_medlsam.mjs"), "--server", server, "--study", study_uid,
-                          "--out", str(ARTIFACTS), "--timeout", "300"], capture_output=True, text=True, timeout=420)
+                          "--out", str(ARTIFACTS), "--timeout", str(step_timeout)], capture_output=True, text=True,
+                         timeout=3 * step_timeout + 300)
     print(f"\nOHIF e2e ({time.monotonic() - started:.0f} s):\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
     result = json.loads((ARTIFACTS / "result.json").read_text())
     assert run.returncode == 0 and result["ok"], result.get("error")
