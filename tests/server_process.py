@@ -27,9 +27,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(
-    studies: Path, conf: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 180.0
+    studies: Path, conf: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 180.0,
+    env: dict[str, str] | None = None, process: list | None = None,
 ) -> Iterator[str]:
-    """Run the MedLSAM app on `studies` on a free loopback port; yield its base URL."""
+    """Run the MedLSAM app on `studies` on a free loopback port; yield its base URL. `env` adds
+    environment variables; `process`, if given, receives the launcher's Popen (its process group
+    holds the server and its training subprocesses)."""
     port = free_port()
     cmd = [str(MONAILABEL), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
@@ -37,10 +40,12 @@ def running_server(
         cmd += ["--conf", key, str(value)]
     # the monailabel launcher runs `python -m monailabel.main`: our venv must come first on PATH
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
-               PATH=f"{MONAILABEL.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{MONAILABEL.parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {}))
     log_path = log_path or (Path(studies).parent / f"server-{port}.log")
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if process is not None:
+        process.append(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -61,6 +66,13 @@ def running_server(
         log.close()
 
 
+def kill_now(proc: subprocess.Popen) -> None:
+    """kill -9 the server's whole process group (server and training subprocesses), as a crash would."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> int:
     """Stop the server's process group: SIGINT (uvicorn's clean shutdown), then SIGKILL."""
     if proc.poll() is None:
@@ -77,7 +89,10 @@ def wait_for_templates(url: str, timeout: float = 900.0) -> dict:
     """Wait until the app's template store has finished its background update; return /info."""
     deadline = time.monotonic() + timeout
     while True:
-        info = httpx.get(f"{url}/info/", timeout=30).json()
+        try:
+            info = httpx.get(f"{url}/info/", timeout=30).json()
+        except httpx.TimeoutException:  # a starved machine; the deadline below still bounds the wait
+            info = {"templates": {"updating": True}}
         if not info.get("templates", {}).get("updating"):
             return info
         if time.monotonic() > deadline:

@@ -248,7 +248,9 @@ def test_train_task_publishes_weights_and_templates_follow(server):
     the next infer request rebuilds the templates with them. (Last: it changes the server's weights.)"""
     url = server["url"]
     before = httpx.get(f"{url}/info/", timeout=30).json()["templates"]["weights_fingerprint"]
-    params = {"iterations": 3, "batch_size": 2, "threads": 1, "num_workers": 0}
+    # validation against the current weights is tested in test_server_train_kill.py; here any result publishes
+    params = {"iterations": 3, "batch_size": 2, "threads": 1, "num_workers": 0, "validation_tolerance": 1.0,
+              "validation_studies": 2, "validation_organs": 2}
     response = httpx.post(f"{url}/train/medlam", json=params, timeout=60)
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 900
@@ -263,7 +265,8 @@ def test_train_task_publishes_weights_and_templates_follow(server):
     published = Path(server["conf"]["model_dir"]) / "medlam_trained" / "medlam.pt"
     assert published.exists()
     stats = httpx.get(f"{url}/info/", timeout=30).json()["train_stats"]["medlam"]
-    assert stats["iterations"] == 3 and stats["published"] == str(published)
+    assert stats["iterations"] == 3 and stats["published"] == str(published) and stats["status"] == "published"
+    assert stats["epoch"] == stats["total_epochs"] == 3 and "total_time" in stats and 0 <= stats["best_metric"] <= 1
     _, queries = study_ids(server["root"])
     response = post_infer(url, "medlam", queries[0], {"organs": ["liver"]}, "json")
     assert response.status_code == 200, response.text

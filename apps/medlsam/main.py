@@ -23,6 +23,7 @@ from tasks.context import MedLSAMContext
 from tasks.datastore import LocalStudyStore, StudyStore
 from tasks.dicomweb import client_result, pacs_datastore
 from tasks.errors import bad_request, http_error, request_errors
+from tasks.guard import install as install_guard
 from tasks.infer_medlam import MedLAMInfer
 from tasks.infer_medlsam import MedLSAMInfer
 from tasks.infer_sam import SAM2DInfer, SAMInfer
@@ -89,6 +90,9 @@ class MedLSAMApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        # MONAI Label's routes take paths as ids and block the event loop: the app's own replace them
+        # (tasks/guard); only in the server process (not in training / scoring subprocesses).
+        install_guard(self)
         # Templates of new or changed supports are computed in the background so the server answers
         # at once; infer requests wait for them, /info shows "updating" meanwhile.
         started = threading.Event()
@@ -180,6 +184,13 @@ class MedLSAMApp(MONAILabelApp):
             datastore.image_file(image)  # 404 unknown id; DICOMweb: 422 non-CT, 503 PACS down
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its HTTP class
             raise http_error(exc, "image") from exc
+
+    def check_train_request(self, model: str, params: dict) -> None:
+        """Refuse (InputError) a training request the trainer would fail on, before it starts."""
+        if model == "medlam":
+            from tasks.train_medlam import parse_options
+
+            parse_options(params)
 
     def info(self):
         meta = super().info()

@@ -30,3 +30,7 @@ class ModelFileMissing(ConfigurationError, FileNotFoundError):
 
 class BusyError(MedLSAMError, RuntimeError):
     """The request cannot be served right now (e.g. templates are being rebuilt); retry later."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds a client should wait before retrying (None: unknown)

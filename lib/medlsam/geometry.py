@@ -62,8 +62,12 @@ def map_hu(array: np.ndarray) -> np.ndarray:
 
 
 def check_ct_intensities(array: np.ndarray, name: str = "image") -> None:
-    """Raise ValueError unless the intensities look like CT Hounsfield units."""
-    lo, hi = float(array.min()), float(array.max())
+    """Raise InputError (a ValueError) unless the intensities look like CT Hounsfield units:
+    finite everywhere, with air below -10 HU."""
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max propagate NaN; inf shows directly
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"{name} contains {bad} NaN or infinite voxels: a CT volume holds finite Hounsfield units")
     if lo >= HU_MIN_THRESHOLD:
         raise InputError(
             f"{name} intensities range from {lo:g} to {hi:g}: this does not look like CT in "

@@ -216,6 +216,21 @@ def _checked(img: nib.Nifti1Image, path: Path, what: str) -> nib.Nifti1Image:
     return img
 
 
+def check_nifti_header(path: str | os.PathLike, max_voxels: int, *, what: str = "image") -> tuple[int, ...]:
+    """Read only the header of a NIfTI file and refuse it (InputError) when it is unreadable or declares
+    more than `max_voxels` voxels: nothing is decompressed, so a small gzip bomb costs no memory."""
+    path = Path(path)
+    try:
+        shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise InputError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if voxels > max_voxels:
+        raise InputError(f"{what} {path.name} declares shape {shape} = {voxels} voxels, more than the "
+                         f"server's limit of {max_voxels} voxels")
+    return shape
+
+
 def load_label_map(path: str | os.PathLike) -> dict[str, int]:
     """Read a JSON label map {organ name: label id} and check it (see `medlsam.labels.LabelMap`)."""
     from medlsam.labels import LabelMap

@@ -6,10 +6,14 @@ import logging
 import os
 import tempfile
 import threading
+import time
+import zlib
 
 import nibabel as nib
 import numpy as np
 
+from medlsam.errors import BusyError, InputError
+from medlsam.geometry import check_ct_intensities
 from medlsam.io import load_image
 from medlsam.labels import LabelMap
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
@@ -39,6 +43,8 @@ class MedLSAMContext:
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()
         self._final_labels_seen = None  # the datastore's final-label version last synced
+        self._rebuild_guard = threading.Lock()
+        self._rebuild_started: float | None = None  # monotonic start of the running rebuild
 
     def organ_name(self, value) -> str:
         return self.label_map.resolve(value)
@@ -59,8 +65,17 @@ class MedLSAMContext:
         return path
 
     def load_image(self, path: str) -> nib.Nifti1Image:
-        """A NIfTI, NRRD or DICOM-folder study as a NIfTI image (array[i, j, k], RAS affine)."""
-        return load_image(path)
+        """The study (NIfTI, NRRD or a DICOM folder), read once into memory and checked the same way
+        for every task: a readable 3D volume, finite voxels, CT intensities (Hounsfield units).
+        Refusals are InputErrors (HTTP 422)."""
+        image = load_image(path)
+        try:
+            data = np.asanyarray(image.dataobj)
+        except (EOFError, OSError, zlib.error, ValueError) as exc:  # truncated or corrupt voxel data
+            raise InputError(f"image {os.path.basename(path)}: its voxel data cannot be read "
+                             f"(truncated or corrupt file): {exc}") from exc
+        check_ct_intensities(data, f"image {os.path.basename(path)}")
+        return nib.Nifti1Image(data, image.affine, image.header)
 
     def support_studies(self) -> list[SupportStudy]:
         """Datastore studies with a final label."""
@@ -68,14 +83,54 @@ class MedLSAMContext:
 
     # --- models ---------------------------------------------------------------------------------
     def templates(self) -> TemplateSet:
-        """Current templates; rebuilt from the datastore first if the MedLAM weights changed."""
-        self._sync_new_final_labels()
-        try:
-            return self.store.templates()
-        except TemplateMismatchError:
-            logger.info("MedLAM weights changed: rebuilding the template store")
-            self.store.sync(self.support_studies())
-            return self.store.templates()
+        """Current templates. A request waits at most `template_wait_s` for an update that holds the
+        store (start-up sync, a final label being added, a rebuild for new weights), then gets a
+        BusyError (HTTP 409 with Retry-After). New weights start one rebuild in the background."""
+        deadline = time.monotonic() + self.settings.template_wait_s
+        lock = self.store.updating()
+        while True:
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise BusyError(self._busy_message(), retry_after=10)
+            try:
+                try:
+                    self.store.templates()
+                except TemplateMismatchError:
+                    pass  # stale: rebuilt below, outside the lock
+                else:
+                    self._sync_new_final_labels()
+                    return self.store.templates()
+            finally:
+                lock.release()
+            self._start_rebuild()
+            if time.monotonic() >= deadline:
+                raise BusyError(self._busy_message(), retry_after=30)
+            time.sleep(0.05)  # let the rebuild take the lock
+
+    def _busy_message(self) -> str:
+        if self._rebuild_started is not None:
+            return (f"the MedLAM weights changed and the templates are being rebuilt from the supports "
+                    f"(running for {time.monotonic() - self._rebuild_started:.0f} s); retry shortly")
+        return "the template store is being updated (start-up sync or a new final label); retry shortly"
+
+    def _start_rebuild(self) -> None:
+        """Rebuild the templates for new weights in one background thread (not inside a request)."""
+        with self._rebuild_guard:
+            if self._rebuild_started is not None:
+                return
+            self._rebuild_started = time.monotonic()
+
+        def rebuild():
+            try:
+                logger.info("MedLAM weights changed: rebuilding the template store")
+                with self.store.updating():
+                    self.store.sync(self.support_studies())
+            except Exception:  # noqa: BLE001 - requests report the store's state; the log has the cause
+                logger.exception("template rebuild failed")
+            finally:
+                with self._rebuild_guard:
+                    self._rebuild_started = None
+
+        threading.Thread(target=rebuild, name="template-rebuild", daemon=True).start()
 
     def _sync_new_final_labels(self) -> None:
         """Final labels stored by other clients (OHIF's SEG export to the PACS, files copied into the

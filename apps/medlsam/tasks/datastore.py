@@ -11,6 +11,7 @@ Adding a datastore means implementing `StudyStore` on top of a MONAI Label datas
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Hashable, Protocol, runtime_checkable
@@ -18,16 +19,16 @@ from typing import Any, Hashable, Protocol, runtime_checkable
 from monailabel.datastore.local import LocalDatastore
 
 from medlsam.errors import NotFoundError
-from medlsam.io import save_nifti
+from medlsam.io import atomic_path, save_nifti
 from medlsam.labels import LabelMap
 from medlsam.medlam.store import SupportStudy
 
 from .errors import request_errors
-from .label_check import FinalLabelCheck, LabelUpload
+from .label_check import FinalLabelCheck, LabelUpload, label_suffix
 
 FINAL = "final"
 LABELS_DIR = "labels"  # <studies>/labels/<tag>/<image id><ext>, MONAI Label's layout, which we pass in
-STORED_SUFFIX = ".nii.gz"  # every saved label is stored as NIfTI on its image's grid, whatever was uploaded
+STORED_SUFFIX = ".nii.gz"  # labels that were renamed or converted (NRRD, .seg.nrrd) are stored as NIfTI
 
 
 @runtime_checkable
@@ -97,8 +98,9 @@ class LocalStudyStore(LocalDatastore):
         return Path(self.studies) / LABELS_DIR / tag
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Store a label (NIfTI, NRRD or .seg.nrrd upload) as `labels/<tag>/<id>.nii.gz` on the image's
-        grid; final labels are checked and their segments named by the label map first."""
+        """Store a label (NIfTI, NRRD or .seg.nrrd upload) under `labels/<tag>/` on the image's grid:
+        a NIfTI in label-map ids as sent, anything renamed (segment names) or converted as `<id>.nii.gz`;
+        final labels are checked first."""
         # called by MONAI Label's endpoint directly: errors must leave as HTTP answers
         with request_errors("saving the label"):
             return self._save_label(image_id, label_filename, str(getattr(label_tag, "value", label_tag)),
@@ -110,9 +112,14 @@ class LocalStudyStore(LocalDatastore):
         info = dict(label_info or {})
         upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
                              label_tag, info)
-        target = self.label_folder(label_tag) / f"{image_id}{STORED_SUFFIX}"
+        suffix = label_suffix(upload.unchanged) if upload.unchanged else STORED_SUFFIX
+        target = self.label_folder(label_tag) / f"{image_id}{suffix}"
         previous = self.get_label_uri(image_id, label_tag) if label_tag in self.get_labels_by_image_id(image_id) else ""
-        save_nifti(upload.image, target)  # one atomic rename
+        if upload.unchanged:  # a NIfTI in label-map ids: stored as sent, with one atomic rename
+            with atomic_path(target, suffix="") as tmp:
+                shutil.copyfile(upload.unchanged, tmp)
+        else:
+            save_nifti(upload.image, target)  # one atomic rename
         if previous and os.path.realpath(previous) != os.path.realpath(target):
             self.remove_label(image_id, label_tag)  # a label of another file type: the new one replaces it
         self.refresh()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
+import struct
+import zlib
 
 from fastapi import HTTPException
 
@@ -11,6 +14,9 @@ from medlsam.errors import BusyError, ConfigurationError, InputError, NotFoundEr
 from medlsam.medlam.templates import TemplateMismatchError
 
 logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 10
+# What decoders raise on a truncated or corrupt upload (nibabel / gzip): the client's file, a 422.
+CORRUPT_FILE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, struct.error)  # what a 409 (templates being updated) tells the client to wait
 
 
 def bad_request(message: str, status: int = 422) -> HTTPException:
@@ -22,7 +28,8 @@ def http_error(exc: BaseException, what: str) -> HTTPException:
     if isinstance(exc, HTTPException):
         return exc
     if isinstance(exc, (TemplateMismatchError, BusyError)):
-        return bad_request(f"{what}: {exc}", 409)
+        retry = int(getattr(exc, "retry_after", 0) or RETRY_AFTER_S)
+        return HTTPException(status_code=409, detail=f"{what}: {exc}", headers={"Retry-After": str(retry)})
     if isinstance(exc, ConfigurationError):  # checked before InputError: both are ValueErrors
         logger.error("%s: server configuration problem: %s", what, exc)
         return bad_request(f"{what}: the server is not set up for this request: {exc}", 500)
@@ -30,6 +37,8 @@ def http_error(exc: BaseException, what: str) -> HTTPException:
         return bad_request(f"{what}: {exc}", 404)
     if isinstance(exc, InputError):
         return bad_request(f"{what}: {exc}", 422)
+    if isinstance(exc, CORRUPT_FILE_ERRORS):  # a decoder ran out of data: the client's file is truncated
+        return bad_request(f"{what}: the file is truncated or corrupt ({type(exc).__name__}: {exc})", 422)
     logger.exception("%s: internal error", what, exc_info=exc)
     return bad_request(f"{what}: internal server error ({type(exc).__name__}: {exc})", 500)
 

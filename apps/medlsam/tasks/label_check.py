@@ -55,6 +55,7 @@ class LabelUpload:
     segments: dict[str, int] = field(default_factory=dict)  # organ -> label-map id, organs with voxels
     ignored: list[str] = field(default_factory=list)  # non-empty segments outside the label map
     naming: str = "label-map ids"
+    unchanged: str | None = None  # the uploaded NIfTI file itself, when the label is stored as sent
 
     def report(self) -> dict[str, Any]:
         return {"segments": dict(self.segments), "ignored_segments": list(self.ignored), "naming": self.naming}
@@ -107,7 +108,10 @@ class FinalLabelCheck:
             raise InputError("label rejected: a multi-layer label needs the .seg.nrrd segment list in its header")
         names = _value_names(data, params)
         if names is None:
-            return _as_label(data, image_affine, self.label_map, None, "label-map ids")
+            upload = _as_label(data, image_affine, self.label_map, None, "label-map ids")
+            if not is_nrrd(label_file):
+                upload.unchanged = label_file  # nothing to rename or convert: kept byte for byte
+            return upload
         naming, by_value = names
         return _as_label(data, image_affine, self.label_map, by_value, naming)
 

@@ -119,7 +119,7 @@ def points_param(request: dict, key: str, shape) -> list[list[int]]:
     for p in value:
         if (not isinstance(p, (list, tuple)) or len(p) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
-            raise bad_request(f"{key}: each point must be [i, j, k], got {p!r}")
+            raise bad_request(f"{key}: each point must be [i, j, k], three finite numbers, got {p!r}")
         q = [int(round(v)) for v in p]
         if any(v < 0 or v > s - 1 for v, s in zip(q, shape)):
             raise bad_request(f"{key}: point {list(p)} is outside the image of shape {list(shape)}")

@@ -34,16 +34,21 @@ class AppSettings:
     largest_component: bool
     template_store: Path
     box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
+    trained_dir: Path | None = None  # where the trainer task publishes weight versions
+    template_wait_s: float = 30.0  # longest a request waits for a template update before HTTP 409
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
         model_dir = resolve_model_dir(conf.get("model_dir"), app_dir)
-        # Weights published by the trainer task win; then the configured, official or demo ones.
-        trained = model_dir / "medlam_trained" / "medlam.pt"
-        if conf.get("medlam_checkpoint"):
-            checkpoints = [trained, Path(conf["medlam_checkpoint"])]
-        else:
-            checkpoints = [trained, model_dir / OFFICIAL_MEDLAM_NAME, DEMO_MEDLAM]
+        # Weights published by the trainer task win (or the version pinned by `medlam_version`);
+        # then the configured, official or demo ones.
+        trained_dir = model_dir / TRAINED_DIR
+        base = [Path(conf["medlam_checkpoint"])] if conf.get("medlam_checkpoint") else [
+            model_dir / OFFICIAL_MEDLAM_NAME, DEMO_MEDLAM]
+        checkpoints = trained_checkpoints(trained_dir, conf.get("medlam_version", "latest")) + base
+        template_wait_s = float(conf.get("template_wait_s", 30))
+        if not 0 <= template_wait_s <= 3600:
+            raise ValueError(f"--conf template_wait_s must be between 0 and 3600 seconds, got {template_wait_s}")
         label_map = conf.get("label_map")
         if not label_map and not studies.startswith("http"):
             for candidate in (Path(studies) / "label_map.json", Path(studies).parent / "label_map.json"):
@@ -70,6 +75,8 @@ class AppSettings:
             largest_component=conf.get("largest_component", "false").lower() in TRUE,
             template_store=Path(conf.get("template_store") or default_template_store(model_dir, studies)),
             box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
+            trained_dir=trained_dir,
+            template_wait_s=template_wait_s,
         )
 
 
@@ -107,6 +114,26 @@ def parse_labels(text: str) -> LabelMap:
             raise ConfigurationError(f"{source}: a list of distinct organ names, got {value!r}")
         value = {name: i for i, name in enumerate((v for v in value if v.lower() != "background"), start=1)}
     return LabelMap(value, source=source)
+
+
+TRAINED_DIR = "medlam_trained"  # <model_dir>/medlam_trained/: medlam.pt (latest) and versions/vNNN.pt
+
+
+def trained_checkpoints(trained_dir: Path, version: str) -> list[Path]:
+    """The trained weights to try first: the latest published (`latest`), a pinned version (`3`), or
+    none (`0`: the configured / official / demo weights)."""
+    version = str(version).strip().lower()
+    if version in ("latest", ""):
+        return [trained_dir / "medlam.pt"]
+    if not version.isdigit():
+        raise ValueError(f"--conf medlam_version must be 'latest' or a version number (0 = untrained), got {version!r}")
+    if int(version) == 0:
+        return []
+    path = trained_dir / "versions" / f"v{int(version):03d}.pt"
+    if not path.exists():
+        known = sorted(p.stem for p in (trained_dir / "versions").glob("v*.pt"))
+        raise ValueError(f"--conf medlam_version {version}: {path} does not exist (published: {', '.join(known) or 'none'})")
+    return [path]
 
 
 def default_template_store(model_dir: Path, studies: str) -> Path:

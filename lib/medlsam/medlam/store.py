@@ -121,14 +121,21 @@ class TemplateStore:
         return self._lock
 
     def add_support(self, study: SupportStudy) -> dict[str, int]:
-        """(Re)compute one study's contribution; on any error the store is left as it was."""
+        """(Re)compute one study's contribution; on any error the store is left as it was.
+
+        The contribution is computed before the store is locked, so readers wait only for the merge
+        and the write (they do not wait the minute a large study can take)."""
         image = load_image(study.image)
         label = load_image(study.label, what="label")
+        embedder = self.embedders.get()
+        contributions = compute_support(embedder, image, label, self.label_ids, study.study_id)
         with self._lock:
-            templates, embedder, stale = self._current()
+            templates, current, stale = self._current()
+            if current.fingerprint != embedder.fingerprint:  # new weights meanwhile: recompute with them
+                embedder = current
+                contributions = compute_support(embedder, image, label, self.label_ids, study.study_id)
             if stale:
                 templates = self._empty(embedder)
-            contributions = compute_support(embedder, image, label, self.label_ids, study.study_id)
             templates.remove_study(study.study_id)
             templates.add(contributions, self.label_ids)
             templates.save(self.path)
