@@ -93,7 +93,10 @@ def test_medlsam_segments_a_query_with_named_labels(server, tmp_path):
     assert labels.shape == truth.shape
     info_labels = httpx.get(f"{server['url']}/info/", timeout=30).json()["labels"]
     assert set(params["label_names"]) <= set(info_labels)
-    scores = {name: dice(labels == i, truth == i) for name, i in params["label_names"].items()}
+    label_map = json.loads((server["root"] / "label_map.json").read_text())
+    requested = ["liver", "spleen", "kidney_left", "kidney_right"]
+    assert params["label_names"] == {n: r for r, n in enumerate(sorted(label_map, key=label_map.get), start=1)}
+    scores = {name: dice(labels == params["label_names"][name], truth == label_map[name]) for name in requested}
     print(f"\n/infer/medlsam on {query}: Dice {json.dumps({k: round(v, 3) for k, v in scores.items()})}"
           f", mean {np.mean(list(scores.values())):.3f}; encoder calls {params['encoder_calls']}")
     # multi-label: several organs segmented, each with its own id, each overlapping its organ
@@ -113,12 +116,13 @@ def test_sam_with_roi_segments_the_boxed_organ(server, tmp_path):
     liver = truth == label_map["liver"]
     (i0, j0, k0), (i1, j1, k1) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
     client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
-    out_file, params = client.infer("sam", query, {"roi": [int(i0), int(j0), int(i1), int(j1), int(k0), int(k1)],
+    # REST callers give the box in corner order; 3D Slicer's roi layout is tested in test_clients.py
+    out_file, params = client.infer("sam", query, {"box": [int(i0), int(j0), int(k0), int(i1), int(j1), int(k1)],
                                                    "label": "liver"})
-    mask = np.asanyarray(nib.load(out_file).dataobj) == label_map["liver"]
-    score = dice(mask, liver)
-    print(f"\n/infer/sam with the liver's ground-truth roi on {query}: Dice {score:.3f}")
-    assert params["label_names"] == {"liver": label_map["liver"]}
+    result = np.asanyarray(nib.load(out_file).dataobj)
+    score = dice(result == 1, liver)
+    print(f"\n/infer/sam with the liver's ground-truth box on {query}: Dice {score:.3f}")
+    assert params["label_names"] == {"liver": 1} and set(np.unique(result)) == {0, 1}
     # one 2D box per slice from the organ's 3D box is loose on its top and bottom slices
     assert score > 0.55
 
@@ -142,7 +146,10 @@ BAD_INPUTS = [
     ("relative path escape", "medlam", "../../../etc/passwd", {}, 404),
     ("unknown organ", "medlam", "QUERY", {"organs": ["brain"]}, 422),
     ("malformed roi", "sam", "QUERY", {"roi": [1, 2, 3]}, 422),
-    ("roi outside the image", "sam", "QUERY", {"roi": [900, 900, 950, 950, 900, 950]}, 422),
+    ("roi outside the image", "sam", "QUERY", {"roi": [900, 950, 900, 950, 900, 950]}, 422),
+    ("flat box", "sam", "QUERY", {"box": [10, 10, 5, 10, 40, 9]}, 422),
+    ("roi and box", "sam", "QUERY", {"roi": [10, 40, 10, 40, 5, 9], "box": [10, 10, 5, 40, 40, 9]}, 422),
+    ("point outside the image", "sam_2d", "QUERY", {"foreground": [[5, 5, 9999]]}, 422),
     ("unknown model", "nnunet", "QUERY", {}, 404),
     ("bad mode", "medlam", "QUERY", {"mode": "XYZ"}, 422),
 ]

@@ -31,6 +31,7 @@ from dicomweb_client import DICOMwebClient
 from medlsam.dicom import (dataset_files, derived_uid, dicom_layout, read_seg, referenced_series_uid,
                            segment_names, study_uids, write_ct_series, write_dicom_dataset, write_seg)
 from medlsam.dicom.orthanc import start_orthanc, upload
+from medlsam.labels import LabelMap
 from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import LABEL_MAP, generate_study, write_sample_dataset
 from server_process import REPO, free_port, running_server, wait_for_templates
@@ -148,8 +149,10 @@ def test_pacs_datastore_labels_come_from_the_newest_usable_seg(study, tmp_path, 
     orthanc = start_orthanc(tmp_path / "orthanc", free_port())
     try:
         upload(orthanc.url, ref.files + mr.files + [tmp_path / "old.dcm", tmp_path / "new.dcm"])
-        store = PacsDatastore(orthanc.dicomweb_url, cache_path=str(tmp_path / "cache"))
-        store.label_ids = dict(LABEL_MAP)
+        from tasks.label_check import FinalLabelCheck
+
+        store = PacsDatastore(orthanc.dicomweb_url, LabelMap(LABEL_MAP), FinalLabelCheck(LabelMap(LABEL_MAP)),
+                              cache_path=str(tmp_path / "cache"))
         assert store.list_images() == [ref.series_uid]  # CT only
         assert store.get_labeled_images("final") == [ref.series_uid]
         label = nib.load(store.get_label_uri(ref.series_uid, "final"))
@@ -171,6 +174,35 @@ def test_pacs_datastore_labels_come_from_the_newest_usable_seg(study, tmp_path, 
         assert err.value.status_code == 503 and time.monotonic() - started < 5
         monkeypatch.setattr(dicomweb, "LIST_TTL_S", 0.0)  # no cached series list: /info's counts ask the PACS
         assert "not reachable" in store.status()["error"]
+    finally:
+        orthanc.stop()
+
+
+def test_pacs_datastore_logs_in_with_monai_labels_dicomweb_credentials(study, tmp_path, monkeypatch):
+    """MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD (the pair MONAI Label's OHIF proxy uses) reach the PACS."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
+    from fastapi import HTTPException
+    from monailabel.config import settings as ml_settings
+    from tasks.dicomweb import PacsDatastore
+    from tasks.label_check import FinalLabelCheck
+
+    ref = write_ct_series(study.image, tmp_path / "ct", "synct_login")
+    orthanc = start_orthanc(tmp_path / "orthanc", free_port(), users={"radiologist": "s3cret"})
+    try:
+        upload(orthanc.url, ref.files, auth=("radiologist", "s3cret"))
+        check = FinalLabelCheck(LabelMap(LABEL_MAP))
+        monkeypatch.setattr(ml_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
+        anonymous = PacsDatastore(orthanc.dicomweb_url, LabelMap(LABEL_MAP), check, cache_path=str(tmp_path / "c1"))
+        with pytest.raises(HTTPException) as err:
+            anonymous.list_images(fresh=True)
+        assert err.value.status_code == 502 and "401" in err.value.detail
+        monkeypatch.setattr(ml_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "radiologist")
+        monkeypatch.setattr(ml_settings, "MONAI_LABEL_DICOMWEB_PASSWORD", "s3cret")
+        store = PacsDatastore(orthanc.dicomweb_url, LabelMap(LABEL_MAP), check, cache_path=str(tmp_path / "c2"))
+        assert store.list_images(fresh=True) == [ref.series_uid]
+        assert nib.load(store.get_image_uri(ref.series_uid)).shape == dicom_layout(study.image).shape
     finally:
         orthanc.stop()
 
@@ -279,10 +311,11 @@ def test_medlsam_on_a_series_uid_returns_a_label_on_its_grid(server, dataset):
     assert np.allclose(label.affine, series.affine, atol=1e-3)
     data = np.asanyarray(label.dataobj)
     gt = truth(dataset, sid)
-    scores = {name: dice(data == i, gt == i) for name, i in params["label_names"].items()}
+    scores = {"liver": dice(data == params["label_names"]["liver"], gt == LABEL_MAP["liver"])}
     print(f"\n/infer/medlsam on series {series_uid(dataset, sid)} ({sid}): Dice {scores}, "
           f"{params['timings']}")
-    assert params["label_names"] == {"liver": LABEL_MAP["liver"]}
+    assert params["label_names"] == LABEL_MAP  # the whole map (ids 1..N here): Slicer names values by rank
+    assert params["label_info"] == [{"name": "liver", "idx": LABEL_MAP["liver"]}]  # the organs present
     assert set(np.unique(data)) == {0, LABEL_MAP["liver"]}
     assert scores["liver"] > 0.2  # on the liver (misplaced boxes score ~0 here)
 
@@ -319,12 +352,42 @@ def test_sam_with_a_box_on_a_series_uid(server, dataset):
     liver = truth(dataset, sid) == LABEL_MAP["liver"]
     (i0, j0, _), (i1, j1, _) = np.argwhere(liver).min(0), np.argwhere(liver).max(0)
     kc = int(np.argmax(liver.sum((0, 1))))
-    roi = [int(i0), int(j0), int(i1), int(j1), kc - 1, kc + 1]
+    roi = [int(i0), int(i1), int(j0), int(j1), kc - 1, kc + 1]  # 3D Slicer's layout
     label_file, params = client(server, dataset).infer("sam", series_uid(dataset, sid), {"roi": roi, "label": "liver"})
-    mask = np.asanyarray(nib.load(label_file).dataobj)[:, :, kc - 1:kc + 2] == LABEL_MAP["liver"]
+    mask = np.asanyarray(nib.load(label_file).dataobj)[:, :, kc - 1:kc + 2] == 1
     score = dice(mask, liver[:, :, kc - 1:kc + 2])
     print(f"\n/infer/sam roi {roi} on series of {sid}: Dice {score:.3f} on 3 slices")
     assert params["slices"] == 3 and score > 0.7
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_dicom_seg_output_names_segments_by_organ(server, dataset):
+    """`output=dicom_seg`: MONAI Label requires a `label_info` param; an empty one is filled with the
+    result's organs, so the SEG's segments are named liver and kidney_left, not "unknown"."""
+    image = series_uid(dataset, queries(dataset)[1])
+    response = httpx.post(f"{server}/infer/medlam?image={image}&output=dicom_seg", timeout=600,
+                          data={"params": json.dumps({"organs": list(ORGANS), "label_info": []})})
+    assert response.status_code == 200, response.text[:300]
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(response.content))
+    print(f"\nDICOM SEG output: segments {segment_names(seg)}")
+    assert sorted(segment_names(seg).values()) == sorted(ORGANS)
+    assert referenced_series_uid(seg) == image
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_next_sample_gives_ohif_the_series_and_study_uids(server, dataset):
+    """OHIF's Next Sample: `random`, an empty body; it shows these keys and opens StudyInstanceUID."""
+    response = httpx.post(f"{server}/activelearning/random", json={}, timeout=300)
+    assert response.status_code == 200, response.text[:300]
+    sample = response.json()
+    unlabeled = {series_uid(dataset, s): e for s, e in dataset["manifest"].items() if e["SegSeriesInstanceUID"] is None}
+    print(f"\nNext Sample over DICOMweb: { {k: sample.get(k) for k in ('id', 'StudyInstanceUID', 'Modality')} }")
+    assert sample["id"] in unlabeled and sample["SeriesInstanceUID"] == sample["id"]
+    assert sample["StudyInstanceUID"] == unlabeled[sample["id"]]["StudyInstanceUID"]
+    assert sample["Modality"] == "CT" and sample["PatientID"] not in ("", "UNK")
+    assert sample["name"].endswith(".nii.gz")  # 3D Slicer downloads it under this name
 
 
 BAD = [("unknown series", "1.2.3.4.5.6.7.8.9", 404, "not found in the PACS"),
@@ -359,8 +422,10 @@ def test_ohif_runs_medlsam_and_shows_the_overlay(server, dataset):
     if ARTIFACTS.exists():
         shutil.rmtree(ARTIFACTS)
     started = time.monotonic()
+    step_timeout = int(os.environ.get("MEDLSAM_E2E_TIMEOUT", "300"))  # seconds per browser step (slow machines)
     run = subprocess.run([node, str(E2E / "ohif_medlsam.mjs"), "--server", server, "--study", study_uid,
-                          "--out", str(ARTIFACTS), "--timeout", "300"], capture_output=True, text=True, timeout=420)
+                          "--out", str(ARTIFACTS), "--timeout", str(step_timeout)], capture_output=True, text=True,
+                         timeout=3 * step_timeout + 300)
     print(f"\nOHIF e2e ({time.monotonic() - started:.0f} s):\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
     result = json.loads((ARTIFACTS / "result.json").read_text())
     assert run.returncode == 0 and result["ok"], result.get("error")
@@ -382,6 +447,15 @@ def test_ohif_runs_medlsam_and_shows_the_overlay(server, dataset):
     # so the label id reached OHIF's segment named "liver"
     d_red, _, d_blue = check["tint_rgb_by_id"][LABEL_MAP["liver"]]
     assert d_red - d_blue > 15, check
+    # Next Sample (strategy `random`): the dialog shows an unlabeled series and OK opens its study
+    proposed = result["next_sample"]["body"]
+    print(f"Next Sample: {proposed['SeriesInstanceUID']} -> {result['next_sample']['opened_url']}")
+    unlabeled = {series_uid(dataset, s): e for s, e in dataset["manifest"].items() if e["SegSeriesInstanceUID"] is None}
+    assert proposed["id"] == proposed["SeriesInstanceUID"] and proposed["id"] in unlabeled
+    assert proposed["StudyInstanceUID"] == unlabeled[proposed["id"]]["StudyInstanceUID"]
+    assert proposed["StudyInstanceUID"] in result["next_sample"]["form_text"]
+    assert result["next_sample"]["opened_url"].endswith(proposed["StudyInstanceUID"])
+    assert (ARTIFACTS / "next-sample.png").exists() and (ARTIFACTS / "next-study.png").exists()
 
 
 def overlay_matches_label(before_png: Path, after_png: Path, label: np.ndarray, hu: np.ndarray) -> dict:

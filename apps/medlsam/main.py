@@ -1,8 +1,11 @@
 """MONAI Label app: MedLSAM (MedLAM localization + SAM-family box-prompt segmentation).
 
-Tasks: infer `medlam` (boxes), `sam` (interactive box/point prompts), `medlsam` (localize +
-segment); train `medlam` (self-supervised RDR + MSS pretraining on the datastore's images).
-Support templates are built from the studies that have a final label and updated on every save.
+Tasks: infer `medlsam` (localize + segment, the default auto-segmentation model), `sam` / `sam_2d`
+(interactive box / point prompts, listed where 3D Slicer and OHIF look for interactive models),
+`medlam` (boxes); train `medlam` (self-supervised RDR + MSS pretraining on the datastore's images);
+Next Sample strategies `random`, `fewshot`, `first`, `last`; scoring `dice` (per-organ Dice of the
+app's result against the final label). Support templates are built from the studies that have a
+final label and updated on every save.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -22,9 +26,11 @@ from tasks.errors import bad_request, http_error, request_errors
 from tasks.guard import install as install_guard
 from tasks.infer_medlam import MedLAMInfer
 from tasks.infer_medlsam import MedLSAMInfer
-from tasks.infer_sam import SAMInfer
+from tasks.infer_sam import SAM2DInfer, SAMInfer
 from tasks.label_check import FinalLabelCheck
+from tasks.scoring import OrganDice, score_study
 from tasks.settings import AppSettings
+from tasks.strategies import strategies
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ class MedLSAMApp(MONAILabelApp):
             "SAM-family box prompts",
             version="0.1.0",
         )
+        # MONAI Label re-runs every scoring method in a subprocess (a second app) after each Next
+        # Sample and training; our Dice runs in-process whenever a label is saved instead.
+        self._auto_update_scoring = False
 
     # --- MONAI Label hooks ----------------------------------------------------------------------
     def init_datastore(self) -> StudyStore:
@@ -61,7 +70,9 @@ class MedLSAMApp(MONAILabelApp):
         # /info `labels` as a list ordered by id: OHIF v3's MONAI Label panel appends to it (a dict
         # breaks the panel: no models listed); each model's `labels` keeps the {name: id} map
         self.labels = self.label_map.names
-        return {"medlam": MedLAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "medlsam": MedLSAMInfer(self.ctx)}
+        # order matters: 3D Slicer and OHIF select the first model of a kind, so medlsam comes first
+        return {"medlsam": MedLSAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "sam_2d": SAM2DInfer(self.ctx),
+                "medlam": MedLAMInfer(self.ctx)}
 
     def init_trainers(self):
         try:
@@ -72,7 +83,10 @@ class MedLSAMApp(MONAILabelApp):
         return {"medlam": MedLAMTrain(self.ctx)}
 
     def init_strategies(self):
-        return {}
+        return strategies(self.ctx)
+
+    def init_scoring_methods(self):
+        return {"dice": OrganDice(self.label_map)}
 
     def init_batch_infer(self):
         # /batch/infer/medlsam runs medlsam.batch (docs/BATCH.md); other models keep MONAI Label's task
@@ -103,21 +117,69 @@ class MedLSAMApp(MONAILabelApp):
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
+        datastore = self.datastore()
+        out = dict(getattr(datastore, "save_reports", {}).pop(image_id, {}))
         studies = {s.study_id: s for s in self.ctx.support_studies()}
-        if image_id not in studies:
-            return {}
-        with request_errors("saving the label"):
-            organs = self.ctx.store.add_support(studies[image_id])
-        return {"templates": organs}
+        if image_id in studies:
+            with request_errors("saving the label"):
+                out["templates"] = self.ctx.store.add_support(studies[image_id])
+        try:
+            scored = score_study(datastore, self.label_map, image_id)
+        except Exception:  # noqa: BLE001 - a failed score must not fail the save
+            logger.exception("dice of %s not computed", image_id)
+            scored = None
+        if scored:
+            out.update(dice=scored["dice"], organ_dice=scored["organ_dice"])
+        return out
 
     # --- requests -------------------------------------------------------------------------------
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
             raise bad_request(f"unknown model {request.get('model')!r}; available: {', '.join(self._infers)}", 404)
+        datastore = datastore or self.datastore()
         image = request.get("image")
         if isinstance(image, str) and image:
-            self._check_image_reference(image, datastore or self.datastore())
-        return client_result(super().infer(request, datastore), request)
+            if request.get("session"):
+                self._check_session_image(image)
+            else:
+                self._check_image_reference(image, datastore)
+                self._keep_original(request, image, datastore)
+        result = super().infer(request, datastore)
+        self._name_dicom_seg_segments(request, result)
+        return client_result(result, request)
+
+    @staticmethod
+    def _keep_original(request: dict, image: str, datastore: StudyStore) -> None:
+        """medlsam's result on a datastore study without a final label is saved as its `original`
+        label: 3D Slicer shows it on Next Sample, and the Dice against the final label says how
+        much each organ needed correcting (tasks/scoring.py)."""
+        if request.get("model") != "medlsam" or "save_label" in request or os.path.isabs(image):
+            return
+        if image not in datastore.get_labeled_images():
+            request["save_label"] = True
+
+    @staticmethod
+    def _name_dicom_seg_segments(request: dict, result: dict) -> None:
+        # MONAI Label's `output=dicom_seg` names segment i after the request's label_info[i] and
+        # refuses a request without one; an empty list sent by the client is filled with the organs
+        # of this result (the same list object is read after infer).
+        wanted = request.get("label_info")
+        if isinstance(wanted, list) and not wanted:
+            wanted.extend((result.get("params") or {}).get("label_info") or [])
+
+    def _check_session_image(self, image: str) -> None:
+        """A session image (`PUT /session/`, 3D Slicer's local volumes): a path inside the session
+        store, in a folder named by a session id; anything else 404."""
+        sessions = self.sessions()
+        store = os.path.realpath(sessions.store_path) if sessions else ""
+        real = os.path.realpath(image)
+        parts = os.path.relpath(real, store).split(os.sep) if store else [".."]
+        try:
+            valid = parts[0] != ".." and len(parts) >= 2 and str(uuid.UUID(parts[0])) == parts[0].lower()
+        except ValueError:
+            valid = False
+        if not valid or not os.path.exists(real):
+            raise bad_request("image: the session's image is not in the session store", 404)
 
     def _check_image_reference(self, image: str, datastore: StudyStore) -> None:
         """Only datastore ids and uploaded files (server temp folder): never other server paths."""
@@ -138,6 +200,7 @@ class MedLSAMApp(MONAILabelApp):
 
     def info(self):
         meta = super().info()
+        meta.pop("config", None)  # 3D Slicer refuses servers whose /info has a top-level `config`
         try:
             meta["templates"] = self.ctx.store.summary()
         except (FileNotFoundError, ValueError) as exc:

@@ -1,4 +1,8 @@
-"""File I/O: NIfTI loading with validation, atomic writes, label maps."""
+"""File I/O: image loading with validation (NIfTI, NRRD, DICOM folders), atomic writes, label maps.
+
+Every loader returns a `nib.Nifti1Image`: `array[i, j, k]` with an affine from voxel indices to
+world RAS+ millimetres, whatever the file format, so NIfTI and NRRD copies of one study give the
+same voxels, boxes and masks in world coordinates."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import numpy as np
 from medlsam.errors import InputError, NotFoundError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")  # includes 3D Slicer's .seg.nrrd
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK / DICOM world (LPS) <-> NIfTI world (RAS)
 
 
 @contextlib.contextmanager
@@ -60,6 +67,126 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def is_nrrd(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NRRD_SUFFIXES)
+
+
+def load_image(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1Image:
+    """Load a 3D volume from NIfTI (nibabel), NRRD or a DICOM series folder (SimpleITK), checked
+    as `load_nifti` checks it; InputError naming the problem otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        return _checked(_load_dicom_folder(path, what), path, what)
+    if is_nrrd(path):
+        return _checked(_load_with_sitk(path, what, "NRRD"), path, what)
+    return load_nifti(path, what=what)
+
+
+def nifti_from_sitk(image, array: np.ndarray | None = None) -> nib.Nifti1Image:
+    """A SimpleITK image as a NIfTI image: ITK index (i, j, k) is array[i, j, k], LPS -> RAS affine."""
+    if image.GetDimension() != 3:
+        raise InputError(f"expected a 3D volume, got {image.GetDimension()} dimensions")
+    if array is None:
+        import SimpleITK as sitk
+
+        array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    return nib.Nifti1Image(array, sitk_affine(image))
+
+
+def sitk_affine(image) -> np.ndarray:
+    """The RAS voxel-to-world affine of a SimpleITK image (or an ImageFileReader after ReadImageInformation)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    lps[:3, 3] = image.GetOrigin()
+    return RAS_FROM_LPS @ lps
+
+
+def _load_with_sitk(path: Path, what: str, kind: str) -> nib.Nifti1Image:
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise NotFoundError(f"{what} file not found: {path}")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{what} {path.name} is not a readable {kind} file: {_first_line(exc)}") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} values per voxel: "
+                         "expected a scalar 3D volume")
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} {path.name} must be a 3D volume, got {image.GetDimension()} dimensions "
+                         f"(size {list(image.GetSize())})")
+    return nifti_from_sitk(image)
+
+
+def _load_dicom_folder(path: Path, what: str) -> nib.Nifti1Image:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(path))
+    if not files:
+        raise InputError(f"{what} folder {path.name} holds no DICOM series")
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{what} folder {path.name}: the DICOM series is not readable: {_first_line(exc)}") from exc
+    return nifti_from_sitk(image)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """A volume's shape as its header declares it, read without decompressing the voxels: NIfTI
+    (x, y, z[, t...]), NRRD (i, j, k[, components]). InputError if the header is unreadable."""
+    path = Path(path)
+    if is_nrrd(path):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{path.name} is not a readable NRRD file: {_first_line(exc)}") from exc
+        shape = tuple(int(n) for n in reader.GetSize())
+        components = reader.GetNumberOfComponents()
+        return shape + ((components,) if components > 1 else ())
+    try:
+        return tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path.name} is not a readable NIfTI file: {exc}") from exc
+
+
+def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, RAS affine) of a 3D volume file from its header alone (a DICOM folder is read whole)."""
+    path = Path(path)
+    if path.is_dir():
+        img = load_image(path)
+        return tuple(img.shape), img.affine
+    if is_nrrd(path):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{path.name} is not a readable NRRD file: {_first_line(exc)}") from exc
+        if reader.GetDimension() != 3:
+            raise InputError(f"{path.name} is not a 3D volume")
+        return tuple(int(n) for n in reader.GetSize()), sitk_affine(reader)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path.name} is not a readable NIfTI file: {exc}") from exc
+    return tuple(int(n) for n in img.shape[:3]), img.affine
+
+
 def load_nifti(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1Image:
     """Load a 3D NIfTI (a trailing singleton 4th axis is dropped) or raise ValueError saying why not."""
     path = Path(path)
@@ -72,7 +199,11 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1Ima
         raise InputError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
     if len(shape) == 4 and shape[3] == 1:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
-        shape = img.shape
+    return _checked(img, path, what)
+
+
+def _checked(img: nib.Nifti1Image, path: Path, what: str) -> nib.Nifti1Image:
+    shape = img.shape
     if len(shape) != 3:
         raise InputError(f"{what} {path.name} must be a 3D volume, got shape {tuple(shape)}")
     if min(shape) < 2:

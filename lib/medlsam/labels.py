@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
+
 from medlsam.errors import ConfigurationError, InputError
 
 MAX_LABEL_ID = 255  # label volumes are uint8
@@ -91,6 +93,21 @@ class LabelMap(Mapping[str, int]):
 
     def to_dict(self) -> dict[str, int]:
         return dict(self._ids)
+
+    def consecutive(self) -> dict[str, int]:
+        """{name: rank}: the organs numbered 1..N in label-id order (equal to `to_dict()` when the
+        ids are 1..N). 3D Slicer reads a result's values 1..N as its `label_names` sorted by value."""
+        return {name: rank for rank, name in enumerate(self._ids, start=1)}
+
+    def to_consecutive(self, volume: np.ndarray) -> np.ndarray:
+        """A label volume with label-map ids renumbered to `consecutive()` values (uint8)."""
+        lut = np.zeros(MAX_LABEL_ID + 1, np.uint8)
+        for rank, label_id in enumerate(self._ids.values(), start=1):
+            lut[label_id] = rank
+        volume = np.asarray(volume)
+        if volume.size and (volume.min() < 0 or volume.max() > MAX_LABEL_ID):
+            raise InputError(f"label values must lie in 0..{MAX_LABEL_ID}")
+        return lut[volume]
 
     # --- files ----------------------------------------------------------------------------------
     @classmethod

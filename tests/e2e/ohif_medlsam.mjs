@@ -1,12 +1,14 @@
 // OHIF v3 (served by MONAI Label at /ohif/) driven in Debian's headless Chromium by playwright-core:
 // open a study in MONAI Label mode, connect the MONAI Label panel to the server, run `medlsam` from
-// Auto-Segmentation, and keep what a person would see (screenshots) plus what the server returned.
+// Auto-Segmentation, then press Next Sample (Active Learning) and open the study it proposes; keep
+// what a person would see (screenshots) plus what the server returned.
 //
 //   node ohif_medlsam.mjs --server http://127.0.0.1:8000 --study <StudyInstanceUID> --out <dir>
 //
 // Writes to <dir>: before.png / after.png (the viewport), page-before.png / page-after.png (whole
-// page), infer.nrrd (the label OHIF received), result.json (what happened, for the Python test).
-// Exits 0 when Run returned a label and the viewport changed; 1 otherwise (result.json says why).
+// page), infer.nrrd (the label OHIF received), next-sample.png (the Next Sample dialog),
+// next-study.png (the proposed study, opened), result.json (what happened, for the Python test).
+// Exits 0 when Run returned a label and Next Sample opened a study; 1 otherwise (result.json says why).
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -32,6 +34,23 @@ const step = (name, extra = {}) => {
 };
 const save = () => fs.writeFileSync(path.join(opts.out, 'result.json'), JSON.stringify(result, null, 2));
 
+// the viewport shows the series once a canvas has non-black pixels
+async function waitForSeries(page) {
+  await page.locator('.cornerstone-viewport-element').first().waitFor({ state: 'visible' });
+  await page.waitForFunction(() => {
+    const c = document.querySelector('.cornerstone-viewport-element canvas');
+    if (!c || !c.width) return false;
+    const probe = document.createElement('canvas');
+    probe.width = c.width; probe.height = c.height;
+    const ctx = probe.getContext('2d');
+    ctx.drawImage(c, 0, 0);
+    const d = ctx.getImageData(0, 0, c.width, c.height).data;
+    let bright = 0;
+    for (let i = 0; i < d.length; i += 16) if (d[i] > 40) bright++;
+    return bright > 200;
+  }, null, { polling: 500 });
+}
+
 // Offline: OHIF asks for web fonts on the internet; every host but 127.0.0.1 resolves to nothing.
 // Playwright gives the browser a new empty profile of its own.
 const browser = await chromium.launch({
@@ -55,7 +74,9 @@ try {
   page.on('pageerror', (err) => result.console_errors.push(`page error: ${String(err).slice(0, 300)}`));
   page.on('response', (r) => {
     const u = r.url();
-    if (u.includes('/infer/') || u.includes('/info/')) result.requests.push({ url: u, status: r.status() });
+    if (u.includes('/infer/') || u.includes('/info/') || u.includes('/activelearning/')) {
+      result.requests.push({ url: u, status: r.status() });
+    }
   });
 
   const url = `${opts.server}/ohif/monai-label?StudyInstanceUIDs=${opts.study}`;
@@ -64,19 +85,7 @@ try {
 
   // the viewport shows the series once a canvas has non-black pixels
   const viewport = page.locator('.cornerstone-viewport-element').first();
-  await viewport.waitFor({ state: 'visible' });
-  await page.waitForFunction(() => {
-    const c = document.querySelector('.cornerstone-viewport-element canvas');
-    if (!c || !c.width) return false;
-    const probe = document.createElement('canvas');
-    probe.width = c.width; probe.height = c.height;
-    const ctx = probe.getContext('2d');
-    ctx.drawImage(c, 0, 0);
-    const d = ctx.getImageData(0, 0, c.width, c.height).data;
-    let bright = 0;
-    for (let i = 0; i < d.length; i += 16) if (d[i] > 40) bright++;
-    return bright > 200;
-  }, null, { polling: 500 });
+  await waitForSeries(page);
   step('series rendered');
 
   // MONAI Label panel: point it at this server (it defaults to port 8000) and refresh
@@ -138,6 +147,31 @@ try {
 
   // the segmentation panel lists the segments by name
   result.page_text = await page.locator('body').innerText();
+
+  // Active Learning > Next Sample: OHIF asks for strategy `random` and shows the proposed series
+  await page.getByText('Active Learning', { exact: true }).first().click();
+  const nextResponse = page.waitForResponse((r) => r.url().includes('/activelearning/') && r.request().method() === 'POST');
+  await page.getByRole('button', { name: 'Next Sample' }).first().click();
+  const next = await nextResponse;
+  result.next_sample = { status: next.status(), url: next.url(), body: await next.json().catch(() => null) };
+  step('next sample answered', { status: next.status() });
+  if (next.status() !== 200 || !result.next_sample.body || !result.next_sample.body.StudyInstanceUID) {
+    throw new Error(`Next Sample failed: HTTP ${next.status()} ${JSON.stringify(result.next_sample.body)}`);
+  }
+  const form = page.locator('.nextSampleForm').first();
+  await form.waitFor({ state: 'visible' });
+  result.next_sample.form_text = await form.innerText();
+  await page.screenshot({ path: path.join(opts.out, 'next-sample.png') });
+  step('next sample dialog');
+  // OK reloads OHIF on the proposed study (after a confirm dialog)
+  page.once('dialog', (dialog) => dialog.accept());
+  await form.getByRole('button', { name: 'OK' }).click();
+  await page.waitForURL((u) => u.toString().includes(result.next_sample.body.StudyInstanceUID));
+  await waitForSeries(page);
+  await page.waitForTimeout(1500);
+  await page.screenshot({ path: path.join(opts.out, 'next-study.png') });
+  result.next_sample.opened_url = page.url();
+  step('next study opened', { url: page.url() });
   result.ok = true;
   exitCode = 0;
 } catch (err) {

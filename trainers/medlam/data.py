@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medlsam.geometry import MedLAMGrid
-from medlsam.io import atomic_path, is_nifti, load_nifti
+from medlsam.io import atomic_path, is_nifti, load_image
 
 log = logging.getLogger("medlsam.train")
 
@@ -58,7 +58,7 @@ def prepare_volume(path: str, spacing_mm, patch_size, cache_dir) -> Path:
     """Preprocess one study onto the MedLAM grid (cached); returns the .npy path."""
     target = cache_path(cache_dir, path, spacing_mm, patch_size)
     if not target.exists():
-        grid = MedLAMGrid.from_nifti(load_nifti(path), spacing_mm=spacing_mm, patch_size=patch_size, name=Path(path).name)
+        grid = MedLAMGrid.from_nifti(load_image(path), spacing_mm=spacing_mm, patch_size=patch_size, name=Path(path).name)
         with atomic_path(target) as tmp:
             np.save(tmp, grid.array.astype(np.float32))
     return target

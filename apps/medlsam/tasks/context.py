@@ -14,7 +14,7 @@ import numpy as np
 
 from medlsam.errors import BusyError, InputError
 from medlsam.geometry import check_ct_intensities
-from medlsam.io import load_nifti
+from medlsam.io import load_image
 from medlsam.labels import LabelMap
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
 from medlsam.medlam.store import EmbedderSource, SupportStudy, TemplateStore
@@ -35,6 +35,9 @@ class MedLSAMContext:
         self.datastore = datastore
         self.label_map: LabelMap = datastore.label_map
         self.label_ids = self.label_map.to_dict()
+        # what clients get: values 1..N in label-id order (3D Slicer maps result values 1..N to the
+        # names sorted by value; OHIF maps them through the models' /info labels)
+        self.client_labels = self.label_map.consecutive()
         self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
@@ -62,9 +65,10 @@ class MedLSAMContext:
         return path
 
     def load_image(self, path: str) -> nib.Nifti1Image:
-        """The study, read once into memory and checked the same way for every task: a readable 3D
-        volume, finite voxels, CT intensities (Hounsfield units). Refusals are InputErrors (HTTP 422)."""
-        image = load_nifti(path)
+        """The study (NIfTI, NRRD or a DICOM folder), read once into memory and checked the same way
+        for every task: a readable 3D volume, finite voxels, CT intensities (Hounsfield units).
+        Refusals are InputErrors (HTTP 422)."""
+        image = load_image(path)
         try:
             data = np.asanyarray(image.dataobj)
         except (EOFError, OSError, zlib.error, ValueError) as exc:  # truncated or corrupt voxel data
@@ -156,6 +160,17 @@ class MedLSAMContext:
     def segment_lock(self) -> threading.Lock:
         """One segmentation at a time: the backend and its caches are shared."""
         return self._segment_lock
+
+    def client_volume(self, labels) -> tuple[np.ndarray, dict]:
+        """A label volume with label-map ids as clients get it: values renumbered 1..N
+        (`client_labels`), `label_names` = the whole map (so names stay right when organs are
+        absent), `label_info` = the organs present in ascending value order (how MONAI Label's DICOM
+        SEG conversion names segments)."""
+        volume = self.label_map.to_consecutive(labels)
+        names = {v: n for n, v in self.client_labels.items()}
+        present = [int(v) for v in np.unique(volume) if v]
+        return volume, {"label_names": dict(self.client_labels),
+                        "label_info": [{"name": names[v], "idx": v} for v in present]}
 
     @staticmethod
     def result_file() -> str:

@@ -2,30 +2,33 @@
 
 The app relies on MONAI Label's `Datastore` interface plus the four members of `StudyStore`. Both
 datastores (this folder one and `dicomweb.PacsDatastore`) take the label map and the final-label
-check at construction, check final labels before storing them, and store them atomically.
+check at construction, read every label upload with it (NIfTI, NRRD, .seg.nrrd; segments named by
+the client are mapped onto the label map), check final labels before storing them, and store
+them atomically.
 Adding a datastore means implementing `StudyStore` on top of a MONAI Label datastore.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Hashable, Protocol, runtime_checkable
 
 from monailabel.datastore.local import LocalDatastore
 
-from medlsam.errors import InputError, NotFoundError
-from medlsam.io import atomic_path
+from medlsam.errors import NotFoundError
+from medlsam.io import atomic_path, save_nifti
 from medlsam.labels import LabelMap
 from medlsam.medlam.store import SupportStudy
 
 from .errors import request_errors
-from .label_check import FinalLabelCheck
+from .label_check import FinalLabelCheck, LabelUpload, label_suffix
 
 FINAL = "final"
 LABELS_DIR = "labels"  # <studies>/labels/<tag>/<image id><ext>, MONAI Label's layout, which we pass in
-LABEL_SUFFIXES = (".nii.gz", ".nii")
+STORED_SUFFIX = ".nii.gz"  # labels that were renamed or converted (NRRD, .seg.nrrd) are stored as NIfTI
 
 
 @runtime_checkable
@@ -45,14 +48,12 @@ class StudyStore(Protocol):
         """A value that changes whenever a final label is added, replaced or removed."""
 
 
-def label_suffix(file_name: str) -> str:
-    """The file-type suffix of a label upload; InputError for formats the app does not read."""
-    name = os.path.basename(file_name).lower()
-    for suffix in LABEL_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise InputError(f"label file {os.path.basename(file_name)!r} is not a NIfTI file "
-                     f"({', '.join(LABEL_SUFFIXES)})")
+def read_upload(check: FinalLabelCheck, image_file: str, label_file: str, image_id: str, tag: str,
+                label_info: dict[str, Any]) -> LabelUpload:
+    """A label upload of any tag read onto its image (final labels also pass the final-label check)."""
+    if tag == FINAL:
+        return check(image_file, label_file, image_id, label_info)
+    return check.read(image_file, label_file, image_id, label_info)
 
 
 class LocalStudyStore(LocalDatastore):
@@ -65,6 +66,7 @@ class LocalStudyStore(LocalDatastore):
         self.studies = str(studies)
         self.label_map = label_map
         self.check_final_label = check_final_label
+        self.save_reports: dict[str, dict] = {}  # image id -> how its last saved label was read (save reply)
         super().__init__(self.studies, labels_dir=LABELS_DIR, **options)
 
     # --- StudyStore -----------------------------------------------------------------------------
@@ -96,26 +98,34 @@ class LocalStudyStore(LocalDatastore):
         return Path(self.studies) / LABELS_DIR / tag
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Store a label (NIfTI, NRRD or .seg.nrrd upload) under `labels/<tag>/` on the image's grid:
+        a NIfTI in label-map ids as sent, anything renamed (segment names) or converted as `<id>.nii.gz`;
+        final labels are checked first."""
         # called by MONAI Label's endpoint directly: errors must leave as HTTP answers
         with request_errors("saving the label"):
-            return self._save_label(image_id, label_filename, label_tag, label_info)
+            return self._save_label(image_id, label_filename, str(getattr(label_tag, "value", label_tag)),
+                                    label_info)
 
     def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if image_id not in self.list_images():
             raise NotFoundError(f"image {image_id!r} is not a study of this datastore")
-        suffix = label_suffix(label_filename)
-        if label_tag == FINAL:
-            self.check_final_label(self.get_image_uri(image_id), label_filename, image_id)
+        info = dict(label_info or {})
+        upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
+                             label_tag, info)
+        suffix = label_suffix(upload.unchanged) if upload.unchanged else STORED_SUFFIX
         target = self.label_folder(label_tag) / f"{image_id}{suffix}"
         previous = self.get_label_uri(image_id, label_tag) if label_tag in self.get_labels_by_image_id(image_id) else ""
-        with atomic_path(target, suffix="") as tmp:
-            with open(label_filename, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+        if upload.unchanged:  # a NIfTI in label-map ids: stored as sent, with one atomic rename
+            with atomic_path(target, suffix="") as tmp:
+                shutil.copyfile(upload.unchanged, tmp)
+        else:
+            save_nifti(upload.image, target)  # one atomic rename
         if previous and os.path.realpath(previous) != os.path.realpath(target):
             self.remove_label(image_id, label_tag)  # a label of another file type: the new one replaces it
         self.refresh()
-        info = dict(label_info or {})
+        if label_tag == FINAL:
+            info.update(upload.report())
+            self.save_reports[image_id] = upload.report()
         info.update(ts=int(time.time()), name=target.name)
         self.update_label_info(image_id, label_tag, info)
         return image_id

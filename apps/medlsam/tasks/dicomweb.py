@@ -43,6 +43,7 @@ from medlsam.io import atomic_path, save_nifti
 from medlsam.labels import LabelMap
 from medlsam.medlam.store import SupportStudy
 
+from .datastore import read_upload
 from .errors import bad_request
 from .label_check import FinalLabelCheck
 
@@ -67,6 +68,19 @@ def ensure_dcmqi_on_path() -> str:
     if not found:
         raise RuntimeError(f"dcmqi is installed but {bin_dir}/itkimage2segimage is missing or not executable")
     return found
+
+
+def login_session():
+    """A requests session with HTTP basic auth from MONAI Label's DICOMweb settings
+    MONAI_LABEL_DICOMWEB_USERNAME and _PASSWORD (both set, as MONAI Label's own DICOMweb datastore and
+    its OHIF proxy `/proxy/dicom` require them); None without them."""
+    username = ml_settings.MONAI_LABEL_DICOMWEB_USERNAME
+    password = ml_settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    if not (username and password):
+        return None
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    return create_session_from_user_pass(username, password)
 
 
 def pacs_errors(method: Callable) -> Callable:
@@ -100,7 +114,8 @@ class PacsDatastore(DICOMWebDatastore):
         ensure_dcmqi_on_path()
         self.label_map = label_map
         self.check_final_label = check_final_label
-        client = DICOMwebClientX(url=url, session=None, qido_url_prefix=ml_settings.MONAI_LABEL_QIDO_PREFIX,
+        self.save_reports: dict[str, dict] = {}  # image id -> how its last saved label was read (save reply)
+        client = DICOMwebClientX(url=url, session=login_session(), qido_url_prefix=ml_settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=ml_settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=ml_settings.MONAI_LABEL_STOW_PREFIX)
         # dicomweb-client retries every failed call 5 times with exponential back-off (30 s for a
@@ -264,21 +279,34 @@ class PacsDatastore(DICOMWebDatastore):
     @pacs_errors
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
+        """Final labels become a DICOM SEG whose segments are named after the organs (the upload is
+        read and mapped onto the label map first); other tags stay in the local cache as NIfTI."""
+        label_tag = str(getattr(label_tag, "value", label_tag))  # MONAI Label passes DefaultLabelTag members
         label_info = dict(label_info or {})
-        converted = ""
+        temporary = []
         if label_filename.endswith(".bin"):  # OHIF sends raw voxels in the series' order
-            converted = binary_to_image(self.get_image_uri(image_id), label_filename)
-            label_filename = converted
+            label_filename = binary_to_image(self.get_image_uri(image_id), label_filename)
+            temporary.append(label_filename)
         try:
+            try:
+                upload = read_upload(self.check_final_label, self.get_image_uri(image_id), label_filename, image_id,
+                                     label_tag, label_info)
+            except InputError as exc:
+                raise bad_request(str(exc)) from exc
+            fd, mapped = tempfile.mkstemp(prefix="medlsam-label-", suffix=".nii.gz")
+            os.close(fd)
+            temporary.append(mapped)
+            save_nifti(upload.image, mapped)
             if label_tag == FINAL:
-                try:
-                    self.check_final_label(self.get_image_uri(image_id), label_filename, image_id)
-                except InputError as exc:
-                    raise bad_request(str(exc)) from exc
-                label_info.setdefault("label_info", self._segment_info(label_filename))
+                label_info.update(upload.report())
+                self.save_reports[image_id] = upload.report()
+                if "label_info" in label_info:  # the client's own list, kept for reference
+                    label_info["client_label_info"] = label_info["label_info"]
+                # MONAI Label names segment i after label_info[i], in ascending value order
+                label_info["label_info"] = self._segment_info(mapped)
                 label_info.setdefault("model_name", "MedLSAM")
             try:
-                result = super().save_label(image_id, label_filename, label_tag, label_info)
+                result = super().save_label(image_id, mapped, label_tag, label_info)
             except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
                 raise bad_request(f"could not store the label as DICOM SEG in {self.name()}: {exc}", 502) from exc
             if label_tag == FINAL:
@@ -289,8 +317,9 @@ class PacsDatastore(DICOMWebDatastore):
                 self._seg_index(fresh=True)
             return result
         finally:
-            if converted and os.path.exists(converted):
-                os.unlink(converted)
+            for path in temporary:
+                if os.path.exists(path):
+                    os.unlink(path)
 
     def _segment_info(self, label_file: str) -> list[dict]:
         """MONAI Label's SEG conversion names segment i after label_info[i] (ids in ascending order)."""

@@ -15,10 +15,13 @@ from .errors import request_errors
 class MedLAMInfer(InferTask):
     def __init__(self, ctx: MedLSAMContext):
         super().__init__(
-            type=InferType.DETECTION,
-            labels=ctx.label_ids,
+            # SEGMENTATION, listed after medlsam: 3D Slicer's Submit Label sends ROI markups instead of
+            # the segments while a detection model is selected
+            type=InferType.SEGMENTATION,
+            labels=ctx.client_labels,
             dimension=3,
-            description="MedLAM: 3D box of each organ from a few annotated supports (no prompt needed)",
+            description="MedLAM: the 3D box of each organ from a few annotated supports, drawn as a label "
+            "volume (no prompt needed)",
             config={"organs": "", "mode": ctx.settings.mode, "seed": 0, "mss": True},
         )
         self.ctx = ctx
@@ -30,6 +33,7 @@ class MedLAMInfer(InferTask):
         with request_errors("medlam"):
             image, organs, mode, seed = self.ctx.localization_request(request)
             localization = self.ctx.localizer(request).localize(image, organs=organs, mode=mode, seed=seed)
+        volume, names = self.ctx.client_volume(boxes_to_label_volume(localization, image.shape))
         out = self.ctx.result_file()
-        save_nifti(nib.Nifti1Image(boxes_to_label_volume(localization, image.shape), image.affine), out)
-        return out, {**localization.to_json(), "timings": localization.timings}
+        save_nifti(nib.Nifti1Image(volume, image.affine), out)
+        return out, {**localization.to_json(), **names, "timings": localization.timings}

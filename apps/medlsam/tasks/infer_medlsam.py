@@ -16,7 +16,7 @@ class MedLSAMInfer(InferTask):
     def __init__(self, ctx: MedLSAMContext):
         super().__init__(
             type=InferType.SEGMENTATION,
-            labels=ctx.label_ids,
+            labels=ctx.client_labels,
             dimension=3,
             description="MedLSAM: localize every organ with MedLAM, segment it slice by slice with "
             f"{ctx.settings.segmenter} box prompts",
@@ -33,6 +33,7 @@ class MedLSAMInfer(InferTask):
             localizer = self.ctx.localizer(request)
             with self.ctx.segment_lock:
                 result = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode, seed=seed)
+        volume, names = self.ctx.client_volume(result.labels)
         out = self.ctx.result_file()
-        save_nifti(nib.Nifti1Image(result.labels, image.affine), out)
-        return out, result.report()
+        save_nifti(nib.Nifti1Image(volume, image.affine), out)
+        return out, {**result.report(), **names}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlsam.errors import ConfigurationError
 from medlsam.labels import LabelMap
 from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
 from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
@@ -20,6 +22,7 @@ TRUE = ("1", "true", "yes", "on")
 @dataclass
 class AppSettings:
     label_map: Path | None  # JSON {organ: id}; default: <studies>/label_map.json or <studies>/../label_map.json
+    labels: str | None  # --conf labels: '{"liver": 1, ...}', '["liver", ...]' or 'liver,spleen' (ids 1..N)
     medlam_checkpoints: list[Path]  # first existing wins
     segmenter: str  # litemedsam | sam_vit_b | sam_vit_l | sam_vit_h | medsam
     segmenter_checkpoint: str | None
@@ -60,6 +63,7 @@ class AppSettings:
             raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
         return cls(
             label_map=Path(label_map) if label_map else None,
+            labels=conf.get("labels") or None,
             medlam_checkpoints=checkpoints,
             segmenter=conf.get("segmenter", "litemedsam"),
             segmenter_checkpoint=conf.get("segmenter_checkpoint"),
@@ -77,13 +81,39 @@ class AppSettings:
 
 
     def read_label_map(self) -> LabelMap:
-        """The configured label map; without one, the sample generator's organs (with a warning)."""
+        """The label map from `--conf label_map <json file>`, `--conf labels ...`, or label_map.json
+        beside the studies; ConfigurationError saying how to give one when there is none."""
         if self.label_map is not None:
             return LabelMap.from_file(self.label_map)
-        from medlsam.synthetic import LABEL_MAP
+        if self.labels:
+            return parse_labels(self.labels)
+        raise ConfigurationError(NO_LABEL_MAP)
 
-        logger.warning("no label map found (--conf label_map <json>); using the sample generator's organs")
-        return LabelMap(LABEL_MAP, source="the sample generator's organs")
+
+NO_LABEL_MAP = (
+    "no label map: MedLSAM needs your organs' names and label ids. Start the server with "
+    "`--conf labels liver,spleen,kidney_left` (ids 1..N in that order), "
+    "`--conf labels '{\"liver\": 1, \"spleen\": 2}'`, or `--conf label_map /path/to/label_map.json` "
+    "(a JSON object {organ name: label id}), or put label_map.json into the studies folder or its parent."
+)
+
+
+def parse_labels(text: str) -> LabelMap:
+    """`--conf labels`: a JSON object {name: id}, a JSON list of names, or comma-separated names (ids 1..N)."""
+    text = text.strip()
+    source = "--conf labels"
+    if text.startswith(("{", "[")):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"{source}: not valid JSON: {exc}") from exc
+    else:
+        value = [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+            raise ConfigurationError(f"{source}: a list of distinct organ names, got {value!r}")
+        value = {name: i for i, name in enumerate((v for v in value if v.lower() != "background"), start=1)}
+    return LabelMap(value, source=source)
 
 
 TRAINED_DIR = "medlam_trained"  # <model_dir>/medlam_trained/: medlam.pt (latest) and versions/vNNN.pt

@@ -47,9 +47,10 @@ def find_dicomweb_plugin() -> str:
                             f"{', '.join(PLUGIN_CANDIDATES)}): apt-get install orthanc-dicomweb")
 
 
-def orthanc_config(storage_dir: str | os.PathLike, http_port: int, name: str = "MedLSAM") -> dict:
+def orthanc_config(storage_dir: str | os.PathLike, http_port: int, name: str = "MedLSAM",
+                   users: dict[str, str] | None = None) -> dict:
     """Our Orthanc configuration: storage in `storage_dir`, HTTP on `http_port`, local clients only,
-    no DICOM port, DICOMweb at /dicom-web/."""
+    no DICOM port, DICOMweb at /dicom-web/; with `users` ({name: password}) HTTP basic auth is required."""
     storage = Path(storage_dir).resolve()
     return {
         "Name": name,
@@ -58,7 +59,8 @@ def orthanc_config(storage_dir: str | os.PathLike, http_port: int, name: str = "
         "HttpServerEnabled": True,
         "HttpPort": int(http_port),
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": dict(users or {}),
         "DicomServerEnabled": False,
         "HttpCompressionEnabled": False,
         "Plugins": [find_dicomweb_plugin()],
@@ -100,12 +102,15 @@ class OrthancServer:
         return self.process.returncode
 
 
-def start_orthanc(storage_dir: str | os.PathLike, port: int = 8042, timeout: float = 30.0) -> OrthancServer:
-    """Write the configuration into `storage_dir`, start Orthanc and wait until its DICOMweb answers."""
+def start_orthanc(storage_dir: str | os.PathLike, port: int = 8042, timeout: float = 30.0,
+                  users: dict[str, str] | None = None) -> OrthancServer:
+    """Write the configuration into `storage_dir`, start Orthanc and wait until its DICOMweb answers
+    (`users`: {name: password} for HTTP basic auth; the first one is used to check)."""
     storage = Path(storage_dir).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     config_path = storage / "orthanc.json"
-    atomic_write_json(config_path, orthanc_config(storage, port))
+    atomic_write_json(config_path, orthanc_config(storage, port, users=users))
+    auth = next(iter(users.items())) if users else None
     log_path = storage / "orthanc.log"
     with contextlib.suppress(httpx.HTTPError):
         if httpx.get(f"http://127.0.0.1:{port}/system", timeout=2).status_code < 500:
@@ -120,7 +125,7 @@ def start_orthanc(storage_dir: str | os.PathLike, port: int = 8042, timeout: flo
         if proc.poll() is not None:
             raise RuntimeError(f"Orthanc exited with {proc.returncode}; log:\n{log_path.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.dicomweb_url}/studies", timeout=2).status_code == 200:
+            if httpx.get(f"{server.dicomweb_url}/studies", timeout=2, auth=auth).status_code == 200:
                 logger.info("Orthanc %s up on port %d (storage %s)", proc.pid, port, storage)
                 return server
         if time.monotonic() > deadline:
@@ -145,10 +150,10 @@ def instance_count(url: str) -> int:
     return int(response.json()["CountInstances"])
 
 
-def upload(url: str, files: Iterable[str | os.PathLike]) -> int:
+def upload(url: str, files: Iterable[str | os.PathLike], auth: tuple[str, str] | None = None) -> int:
     """POST each DICOM file to Orthanc's REST API (/instances); returns how many were stored."""
     count = 0
-    with httpx.Client(base_url=url.rstrip("/"), timeout=60) as client:
+    with httpx.Client(base_url=url.rstrip("/"), timeout=60, auth=auth) as client:
         for path in files:
             response = client.post("/instances", content=Path(path).read_bytes(),
                                    headers={"Content-Type": "application/dicom"})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlsam.errors import ModelFileMissing
-from medlsam.io import load_nifti
+from medlsam.io import load_image
 from medlsam.medlam.patches import PatchEmbedder
 from medlsam.medlam.templates import TemplateMismatchError, TemplateSet, compute_support
 
@@ -125,8 +125,8 @@ class TemplateStore:
 
         The contribution is computed before the store is locked, so readers wait only for the merge
         and the write (they do not wait the minute a large study can take)."""
-        image = load_nifti(study.image)
-        label = load_nifti(study.label, what="label")
+        image = load_image(study.image)
+        label = load_image(study.label, what="label")
         embedder = self.embedders.get()
         contributions = compute_support(embedder, image, label, self.label_ids, study.study_id)
         with self._lock:
@@ -162,7 +162,7 @@ class TemplateStore:
                     continue
                 try:
                     contributions = compute_support(
-                        embedder, load_nifti(study.image), load_nifti(study.label, what="label"),
+                        embedder, load_image(study.image), load_image(study.label, what="label"),
                         self.label_ids, study.study_id,
                     )
                 except (ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,107 @@
+"""Active-learning strategies for Next Sample (3D Slicer, OHIF): which study to annotate next.
+
+`random` and `first` are MONAI Label's own; `last` is the mirror of `first`; `fewshot` is made for
+a template store fed by a few supports: it proposes the unlabeled study the current supports
+localize worst, i.e. the one whose annotation teaches the templates most.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from medlsam.medlam.localizer import LocalizerSettings
+from medlsam.medlam.templates import TemplateSet
+
+from .context import MedLSAMContext
+
+logger = logging.getLogger(__name__)
+
+
+def strategies(ctx: MedLSAMContext) -> dict[str, Strategy]:
+    """The app's strategies; `random` first (OHIF always asks for it, 3D Slicer selects the first)."""
+    return {"random": Random(), "fewshot": FewShot(ctx), "first": First(), "last": Last()}
+
+
+class Last(Strategy):
+    """The last unlabeled study in id order."""
+
+    def __init__(self):
+        super().__init__("Get Last Sample (unlabeled, by id)")
+
+    def __call__(self, request, datastore):
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        return {"id": images[-1]} if images else None
+
+
+class FewShot(Strategy):
+    """The unlabeled study the supports localize worst.
+
+    Every unlabeled study (at most `max_candidates` per request, chosen at random among those not
+    scored yet) is localized with the current templates. Organs whose box lies mostly outside the
+    scan are not in it; the study's score is the mean MedLAM confidence (MSS feature similarity) of
+    the organs inside. The lowest score wins; a study with no template organ inside at all covers a
+    scan range no support covers, and wins first. Scores are kept until the templates change
+    (a new support, new weights)."""
+
+    def __init__(self, ctx: MedLSAMContext, max_candidates: int = 12):
+        super().__init__("Few-shot: the unlabeled study the current supports localize worst (lowest MedLAM "
+                         "confidence, or a scan range no support covers)")
+        self.ctx = ctx
+        self.max_candidates = max_candidates
+        self._scores: dict[str, dict[str, Any]] = {}
+        self._key: tuple | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, request, datastore):
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        if not images:
+            return None
+        templates = self.ctx.templates()
+        if not templates.organs:
+            return {"id": images[0], "fewshot": {"reason": "no supports yet: annotate any study (the first by id)"}}
+        with self._lock:
+            key = templates_key(templates)
+            if key != self._key:
+                self._scores, self._key = {}, key
+            todo = [i for i in images if i not in self._scores]
+            if len(todo) > self.max_candidates:
+                todo = random.Random(str(key)).sample(todo, self.max_candidates)
+            localizer = self.ctx.localizer({})
+            for image_id in todo:
+                try:
+                    image = self.ctx.load_image(datastore.get_image_uri(image_id))
+                    self._scores[image_id] = study_score(localizer.localize(image, mode="WPL"), localizer.settings)
+                except Exception as exc:  # noqa: BLE001 - one unreadable study must not stop Next Sample
+                    logger.warning("fewshot: %s not scored: %s", image_id, exc)
+            scored = {i: self._scores[i] for i in images if i in self._scores}
+        if not scored:
+            return {"id": images[0], "fewshot": {"reason": "no study could be localized: the first by id"}}
+        best = min(scored, key=lambda i: (scored[i]["score"], i))
+        return {"id": best, "fewshot": {**scored[best], "scored_studies": len(scored), "unlabeled": len(images)}}
+
+
+def study_score(localization, settings: LocalizerSettings) -> dict[str, Any]:
+    """Mean confidence of the organs inside the scan (0 when none is: a range no support covers)."""
+    inside = {n: o.confidence for n, o in localization.organs.items()
+              if (o.fraction_inside or 0) >= settings.min_fraction_inside and o.confidence is not None}
+    if not inside:
+        return {"score": 0.0, "organs_inside": 0,
+                "reason": "no organ with a template lies inside this scan: it covers a range no support covers"}
+    lowest = dict(sorted(inside.items(), key=lambda kv: kv[1])[:3])
+    return {"score": round(float(sum(inside.values()) / len(inside)), 4), "organs_inside": len(inside),
+            "lowest_confidence": {n: round(float(c), 4) for n, c in lowest.items()},
+            "reason": "lowest mean MedLAM confidence of the organs inside the scan"}
+
+
+def templates_key(templates: TemplateSet) -> tuple:
+    """Changes whenever the supports or the weights of the templates change."""
+    supports = tuple(sorted((organ, s.study_id, float(s.added_at))
+                            for organ, entries in templates.supports.items() for s in entries))
+    return templates.weights_fingerprint, supports
