@@ -30,7 +30,7 @@ class MedLSAMContext:
         self.settings = settings
         self.datastore = datastore
         self.label_ids = self._read_label_map()
-        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device)
+        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device, settings.medlam_batch_size)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()

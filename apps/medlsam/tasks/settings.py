@@ -28,6 +28,7 @@ class AppSettings:
     largest_component: bool
     template_store: Path
     box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
+    medlam_batch_size: int | None = None  # MedLAM patches per forward pass; None: by device and network size
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -47,6 +48,14 @@ class AppSettings:
         max_supports = int(conf.get("max_supports", 5))
         if max_supports < 1:
             raise ValueError(f"--conf max_supports must be >= 1, got {max_supports}")
+        batch_size = conf.get("medlam_batch_size")
+        if batch_size is not None:
+            try:
+                batch_size = int(batch_size)
+            except ValueError:
+                batch_size = 0
+            if batch_size < 1:
+                raise ValueError(f"--conf medlam_batch_size must be a positive integer, got {conf['medlam_batch_size']!r}")
         mode = conf.get("mode", "WPL").upper()
         if mode not in ("WPL", "SPL"):
             raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
@@ -63,6 +72,7 @@ class AppSettings:
             largest_component=conf.get("largest_component", "false").lower() in TRUE,
             template_store=Path(conf.get("template_store") or default_template_store(model_dir, studies)),
             box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
+            medlam_batch_size=batch_size,
         )
 
 

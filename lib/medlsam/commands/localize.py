@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON output (one file per image: <stem>.boxes.json if a folder)")
     p.add_argument("--box-label", type=Path, default=None, help="also write the boxes as a label NIfTI (folder for several images)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="MedLAM patches per forward pass (default: a few on a CPU, more on a GPU)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +42,8 @@ def _stem(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    embedder = PatchEmbedder.from_checkpoint(args.medlam or default_medlam_checkpoint(), args.device)
+    embedder = PatchEmbedder.from_checkpoint(args.medlam or default_medlam_checkpoint(), args.device,
+                                             batch_size=args.batch_size)
     templates = TemplateSet.load(args.templates, expected_fingerprint=embedder.fingerprint)
     localizer = Localizer(embedder, templates, LocalizerSettings(mss=not args.no_mss))
     several = len(args.images) > 1
