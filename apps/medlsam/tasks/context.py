@@ -30,7 +30,8 @@ class MedLSAMContext:
         self.settings = settings
         self.datastore = datastore
         self.label_ids = self._read_label_map()
-        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device, settings.medlam_batch_size)
+        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device, settings.medlam_batch_size,
+                                        settings.medlam_precision)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlsam.medlam.patches import PRECISIONS
 from medlsam.paths import DEMO_MEDLAM, MODEL_DIR, OFFICIAL_MEDLAM
 from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
 
@@ -29,6 +30,7 @@ class AppSettings:
     template_store: Path
     box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
     medlam_batch_size: int | None = None  # MedLAM patches per forward pass; None: by device and network size
+    medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -56,6 +58,9 @@ class AppSettings:
                 batch_size = 0
             if batch_size < 1:
                 raise ValueError(f"--conf medlam_batch_size must be a positive integer, got {conf['medlam_batch_size']!r}")
+        precision = conf.get("medlam_precision", "auto").lower()
+        if precision not in PRECISIONS:
+            raise ValueError(f"--conf medlam_precision must be one of {', '.join(PRECISIONS)}, got {precision}")
         mode = conf.get("mode", "WPL").upper()
         if mode not in ("WPL", "SPL"):
             raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
@@ -73,6 +78,7 @@ class AppSettings:
             template_store=Path(conf.get("template_store") or default_template_store(model_dir, studies)),
             box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
             medlam_batch_size=batch_size,
+            medlam_precision=precision,
         )
 
 

@@ -26,6 +26,8 @@ OFFICIAL_LAYOUT = {"base_channels": 24, "patch_size": (64, 64, 64), "spacing_mm"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from medlsam.medlam.patches import PRECISIONS
+
     p = sub.add_parser(
         "bench-localize",
         help="benchmark MedLAM templates and localization: seconds and peak RSS per phase",
@@ -39,14 +41,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"dataset folder, generated if absent (default {DEFAULT_DATA})")
     p.add_argument("--supports", type=int, default=5, help="supports (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
+    p.add_argument("--preset", default="default", help="generator preset (default: default; tiny for a smoke run)")
     p.add_argument("--demo", type=Path, default=None, help="demo-layout checkpoint (default: the committed demo)")
     p.add_argument("--official", type=Path, default=None,
                    help="official-layout checkpoint (default: a random state dict of that layout, made once)")
+    p.add_argument("--official-supports", type=int, default=None,
+                   help="build the official layout's templates from only the first N supports (its CPU "
+                   "cost is ~80x the demo's per patch; peak memory does not depend on N)")
     p.add_argument("--layouts", nargs="+", choices=["demo", "official"], default=["demo", "official"])
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     p.add_argument("--organs", nargs="*", default=None, help="organ names (default: every organ of the supports)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="patches per forward pass (default: by device)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["auto"],
+                   help="network precisions to run, each a column of runs (default auto: fp32 on a CPU); "
+                   "localization boxes are compared with the first one's")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each phase (default: torch's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
     p.add_argument("--library", type=Path, default=None,
@@ -56,11 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # --- the parent: data, checkpoints, one subprocess per phase ------------------------------------
-def prepare_data(folder: Path, n_supports: int, seed: int) -> tuple[list[tuple[Path, Path]], Path]:
-    """(support image, label) pairs and the query image of a default-preset dataset."""
+def prepare_data(folder: Path, n_supports: int, seed: int, preset: str = "default") -> tuple[list[tuple[Path, Path]], Path]:
+    """(support image, label) pairs and the query image of a generated dataset."""
     from medlsam.synthetic import write_sample_dataset
 
-    write_sample_dataset(folder, n_studies=n_supports + 1, n_supports=n_supports, seed=seed, preset="default",
+    write_sample_dataset(folder, n_studies=n_supports + 1, n_supports=n_supports, seed=seed, preset=preset,
                          progress=True, scan_range="chest_abdomen_pelvis")
     studies = folder / "studies"
     images = sorted(studies.glob("*.nii.gz"))
@@ -109,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     from medlsam.io import atomic_write_json
     from medlsam.paths import DEMO_MEDLAM
 
-    if args.supports < 1:
-        raise ValueError("--supports must be at least 1")
-    supports, query = prepare_data(args.data, args.supports, args.seed)
+    if args.supports < 1 or (args.official_supports is not None and args.official_supports < 1):
+        raise ValueError("--supports and --official-supports must be at least 1")
+    supports, query = prepare_data(args.data, args.supports, args.seed, args.preset)
     checkpoints = {
         "demo": args.demo or DEMO_MEDLAM,
         "official": args.official or official_layout_checkpoint(args.data / "official_layout_random.pth"),
@@ -126,21 +135,28 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),
         "library": str(args.library) if args.library else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "preset": args.preset,
         "supports": [str(s[0]) for s in supports],
         "query": str(query),
         "layouts": {},
     }
     for layout in args.layouts:
-        templates = work / f"templates_{layout}.pt"
-        base = {"checkpoint": str(checkpoints[layout]), "device": args.device, "batch_size": args.batch_size,
-                "threads": args.threads, "templates": str(templates), "organs": args.organs}
-        phases = {}
-        for phase in args.phases:
-            spec = {**base, "phase": phase, "supports": [[str(i), str(l)] for i, l in supports], "query": str(query)}
-            print(f"[{layout}] {phase} ...", flush=True)
-            phases[phase] = run_phase(spec, args.threads, args.library)
-            print(f"[{layout}] {phase}: {_summary(phases[phase])}", flush=True)
-        report["layouts"][layout] = {"checkpoint": str(checkpoints[layout]), "phases": phases}
+        used = supports[: args.official_supports] if layout == "official" and args.official_supports else supports
+        runs = {}
+        for precision in args.precisions:
+            templates = work / f"templates_{layout}_{precision}.pt"
+            base = {"checkpoint": str(checkpoints[layout]), "device": args.device, "batch_size": args.batch_size,
+                    "precision": precision, "threads": args.threads, "templates": str(templates),
+                    "organs": args.organs, "supports": [[str(i), str(l)] for i, l in used], "query": str(query)}
+            phases = {}
+            for phase in args.phases:
+                print(f"[{layout} {precision}] {phase} ...", flush=True)
+                phases[phase] = run_phase({**base, "phase": phase}, args.threads, args.library)
+                print(f"[{layout} {precision}] {phase}: {_summary(phases[phase])}", flush=True)
+            runs[precision] = phases
+        report["layouts"][layout] = {"checkpoint": str(checkpoints[layout]), "supports": len(used), "runs": runs,
+                                     "box_agreement": box_agreement(runs)}
     print_report(report)
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
@@ -188,8 +204,10 @@ def phase_worker(spec_path: Path, result_path: Path) -> int:
         torch.set_num_threads(int(spec["threads"]))
     rss_before = _peak_rss_mb()
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    batch = {"batch_size": spec["batch_size"]} if spec.get("batch_size") else {}
-    embedder = PatchEmbedder.from_checkpoint(spec["checkpoint"], spec["device"], **batch)
+    options = {"batch_size": spec["batch_size"]} if spec.get("batch_size") else {}
+    if spec.get("precision", "auto") != "auto":  # (a library from before precisions knows only auto)
+        options["precision"] = spec["precision"]
+    embedder = PatchEmbedder.from_checkpoint(spec["checkpoint"], spec["device"], **options)
     extra: dict = {"batch_size": embedder.batch_size, "config": embedder.net.config.to_dict()}
     if phase != "load":
         if phase == "templates":
@@ -209,8 +227,7 @@ def phase_worker(spec_path: Path, result_path: Path) -> int:
             start, cpu_start = time.perf_counter(), _cpu_seconds()
             rss_before = _peak_rss_mb()
             result = Localizer(embedder, templates).localize(image, organs=spec.get("organs"), mode=mode)
-            organs = result["organs"] if isinstance(result, dict) else result.organs
-            extra.update(organs=len(organs))
+            extra.update(organs=len(_organs(result)), boxes=_boxes(result))
     seconds = time.perf_counter() - start
     report = {
         "seconds": round(seconds, 2),
@@ -226,6 +243,45 @@ def phase_worker(spec_path: Path, result_path: Path) -> int:
     return 0
 
 
+def _organs(result) -> dict:
+    return result["organs"] if isinstance(result, dict) else result.organs
+
+
+def _boxes(result) -> dict[str, list]:
+    """Each organ's study-voxel box [[i0, j0, k0], [i1, j1, k1]]."""
+    out = {}
+    for name, organ in _organs(result).items():
+        box = organ["box_voxel"] if isinstance(organ, dict) else organ.box_voxel
+        out[name] = [[int(v) for v in corner] for corner in box]
+    return out
+
+
+def box_iou(a, b) -> float:
+    """IoU of two inclusive voxel boxes."""
+    lo, hi = [max(x, y) for x, y in zip(a[0], b[0])], [min(x, y) for x, y in zip(a[1], b[1])]
+    inter = 1
+    for l, h in zip(lo, hi):
+        inter *= max(0, h - l + 1)
+    vol = lambda box: (box[1][0] - box[0][0] + 1) * (box[1][1] - box[0][1] + 1) * (box[1][2] - box[0][2] + 1)
+    return inter / (vol(a) + vol(b) - inter)
+
+
+def box_agreement(runs: dict[str, dict]) -> dict:
+    """Per precision after the first and localize phase: mean and min box IoU with the first's boxes."""
+    names = list(runs)
+    out = {}
+    for other in names[1:]:
+        for phase in ("localize_wpl", "localize_spl"):
+            a, b = runs[names[0]].get(phase, {}), runs[other].get(phase, {})
+            if "boxes" not in a or "boxes" not in b:
+                continue
+            ious = [box_iou(a["boxes"][n], b["boxes"][n]) for n in a["boxes"] if n in b["boxes"]]
+            out[f"{other}_vs_{names[0]}_{phase}"] = {
+                "mean_iou": round(sum(ious) / len(ious), 4), "min_iou": round(min(ious), 4),
+                "identical": sum(a["boxes"][n] == b["boxes"].get(n) for n in a["boxes"]), "organs": len(ious)}
+    return out
+
+
 def _template_points(templates) -> int:
     return sum(6 * (1 + len(s.spl)) for entries in templates.supports.values() for s in entries)
 
@@ -233,16 +289,24 @@ def _template_points(templates) -> int:
 def print_report(r: dict) -> None:
     print()
     print(f"device {r['device']} ({r['device_name']}), {r['cpu_count']} CPUs, torch {r['torch']}, "
-          f"{r['threads']} threads; {len(r['supports'])} supports, query {Path(r['query']).name}")
-    print(f"  {'layout':9s} {'phase':14s} {'seconds':>8s} {'CPU s':>8s} {'peak RSS MB':>12s} {'forward':>8s} "
-          f"{'batch':>6s} {'load avg':>9s}")
+          f"{r['threads']} threads, OMP_WAIT_POLICY={r.get('omp_wait_policy')}; {len(r['supports'])} supports, "
+          f"query {Path(r['query']).name}")
     for layout, entry in r["layouts"].items():
-        for phase, p in entry["phases"].items():
-            if "error" in p:
-                print(f"  {layout:9s} {phase:14s} FAILED: {p['error']}")
-                continue
-            print(f"  {layout:9s} {phase:14s} {p['seconds']:8.1f} {p['cpu_seconds']:8.1f} {p['peak_rss_mb']:12.0f} "
-                  f"{p['forward_calls']:8d} {p['batch_size']:6d} {p['load_average'][0]:9.1f}")
+        print(f"  {layout}: {entry['checkpoint']}, templates from {entry['supports']} supports")
+    print(f"  {'layout':9s} {'precision':9s} {'phase':13s} {'seconds':>8s} {'CPU s':>8s} {'peak RSS MB':>12s} "
+          f"{'forward':>8s} {'batch':>6s} {'load avg':>9s}")
+    for layout, entry in r["layouts"].items():
+        for precision, phases in entry["runs"].items():
+            for phase, p in phases.items():
+                if "error" in p:
+                    print(f"  {layout:9s} {precision:9s} {phase:13s} FAILED: {p['error']}")
+                    continue
+                print(f"  {layout:9s} {precision:9s} {phase:13s} {p['seconds']:8.1f} {p['cpu_seconds']:8.1f} "
+                      f"{p['peak_rss_mb']:12.0f} {p['forward_calls']:8d} {p['batch_size']:6d} "
+                      f"{p['load_average'][0]:9.1f}")
+        for key, agreement in entry["box_agreement"].items():
+            print(f"  {layout:9s} boxes {key}: mean IoU {agreement['mean_iou']}, min {agreement['min_iou']}, "
+                  f"{agreement['identical']}/{agreement['organs']} identical")
 
 
 if __name__ == "__main__":  # a phase worker: python bench_localize.py SPEC RESULT

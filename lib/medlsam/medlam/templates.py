@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from medlsam.geometry import MedLAMGrid
 from medlsam.io import atomic_path
@@ -286,6 +287,21 @@ def check_label(label: np.ndarray, image_shape, label_ids: dict[str, int], name:
     return present
 
 
+def organ_voxels(label: np.ndarray, ids: list[int]) -> dict[int, np.ndarray]:
+    """Voxel indices [N, 3] (float64) of each label id, searched only inside its bounding box."""
+    if not ids:
+        return {}
+    if not np.issubdtype(label.dtype, np.integer):
+        label = np.rint(label).astype(np.int64)
+    boxes = ndimage.find_objects(label, max_label=max(ids))
+    out = {}
+    for i in ids:
+        box = boxes[i - 1]
+        offset = [s.start for s in box]
+        out[i] = (np.argwhere(label[box] == i) + offset).astype(np.float64)
+    return out
+
+
 def embed_points(embedder: PatchEmbedder, array: np.ndarray, points_zyx: np.ndarray, window_sizes
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Latents [N, 3], feature windows (per level [N, C, w, w, w]) and normalised intensity windows
@@ -332,9 +348,9 @@ def compute_support(
     wanted = [by_id[i] for i in present if organs is None or by_id[i] in organs]
 
     point_groups: list[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]] = []
+    voxels = organ_voxels(label_array, [label_ids[n] for n in wanted])
     for name in wanted:
-        voxels = np.argwhere(label_array == label_ids[name]).astype(np.float64)
-        pts = grid.from_original(voxels)
+        pts = grid.from_original(voxels[label_ids[name]])
         extent = (pts.max(0) - pts.min(0)) * grid.spacing_mm + grid.spacing_mm * np.minimum(grid.scale, 1.0)
         point_groups.append((name, extreme_points(pts), extent, spl_parts(pts, grid.spacing_mm[0], spl_interval_mm)))
 
