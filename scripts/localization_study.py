@@ -49,14 +49,14 @@ def localize_study(localizers: dict[str, Localizer], data: Path, study: str, lab
     truth = np.asanyarray(load_nifti(data / "ground_truth" / f"{study}.nii.gz", what="label").dataobj)
     rows = []
     for method, localizer in localizers.items():
-        result = localizer.localize(image, seed=seed)
-        for organ, found in result["organs"].items():
+        localization = localizer.localize(image, seed=seed)
+        for organ, found in localization.organs.items():
             mask = truth == label_ids[organ]
             truth_box = mask_box(mask)
             rows.append({
                 "study": study, "method": method, "organ": organ, "voxels": int(mask.sum()),
-                "iou": None if truth_box is None else box_iou_mm(found["box_voxel"], truth_box, image.affine),
-                "confidence": found["confidence"], "fraction_inside": found["fraction_inside"],
+                "iou": None if truth_box is None else box_iou_mm(found.box.corners, truth_box, image.affine),
+                "confidence": found.confidence, "fraction_inside": found.fraction_inside,
             })
     return rows
 

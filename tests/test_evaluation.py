@@ -25,7 +25,7 @@ from medlsam.evaluation import (
 from medlsam.evaluation.manual_boxes import organ_rng
 from medlsam.evaluation.report import aggregate, markdown_tables
 from medlsam.evaluation.runner import score_organ, segment_prompt_sets, slice_step
-from medlsam.evaluation.shared_encoder import SharedEncoder
+from medlsam.segment import Segmenter
 from medlsam.medlam.checkpoint import save_medlam
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
 from medlsam.medlam.network import MedLAMConfig, MedLAMNet
@@ -356,14 +356,21 @@ def test_runner_scores_absent_organs_and_shares_encoder_passes(queries, localize
 class TruthLocalizer:
     """A stand-in localizer that returns the tight ground-truth box of each organ."""
 
+    name = "truth"
+
     def __init__(self, label_path, organs):
         self.truth = np.asanyarray(nib.load(str(label_path)).dataobj)
-        self.organs = organs
-        self.templates = type("Templates", (), {"supports": {n: [] for n in organs}})()
+        self.label_ids = organs
+        self.organs = list(organs)
 
     def localize(self, image, organs=None, mode="WPL", seed=0, name="image"):
-        return {"mode": mode, "organs": {n: {"id": self.organs[n], "present": True, "confidence": 1.0, "parts": [],
-                                             "box_voxel": mask_box(self.truth == self.organs[n])} for n in organs}}
+        from medlsam.localization import Box, OrganLocation, StudyLocalization
+
+        found = {}
+        for n in organs:
+            lo, hi = mask_box(self.truth == self.label_ids[n])
+            found[n] = OrganLocation(n, self.label_ids[n], Box.from_voxels(lo, hi), confidence=1.0)
+        return StudyLocalization(mode, found, self.name)
 
 
 def test_paper_protocol_only_prompts_slices_with_ground_truth(queries):
@@ -410,14 +417,17 @@ def test_prompt_sets_share_one_encoder_pass_per_slice_and_window():
     medlam = {1: {1: [(2, 2, 10, 10)], 2: [(2, 2, 10, 10)]}, 2: {2: [(20, 20, 30, 30)]}}
     manual = {1: {2: [(4, 4, 8, 8)], 3: [(4, 4, 8, 8)]}}
     backend = BoxFiller()
-    labels, stats = segment_prompt_sets(backend, volume, {"medlam": medlam, "manual": manual},
-                                        {1: "default", 2: "default"}, (0, 0, 0))
-    assert stats["slices"] == 3 and backend.encoder_calls == 3 and stats["embeddings_reused"] == 1  # slice 2
+    segmenter = Segmenter(backend, box_margin_zyx=(0, 0, 0), progress=False)
+    labels, stats = segment_prompt_sets(segmenter, volume, {"medlam": medlam, "manual": manual},
+                                        {1: "default", 2: "default"})
+    # slices 1, 2, 3; slice 2 serves both sets with one pass
+    assert stats["slices"] == 3 and backend.encoder_calls == 3 and stats["encoder_calls"] == 3
     assert labels["medlam"][2, 25, 25] == 2 and labels["manual"][2, 25, 25] == 0
     assert labels["manual"][3, 6, 6] == 1 and labels["medlam"][3].max() == 0
     # another window on the same slice needs its own pass
     backend = BoxFiller()
-    segment_prompt_sets(backend, volume, {"medlam": medlam, "manual": manual}, {1: "default", 2: "bone"}, (0, 0, 0))
+    segment_prompt_sets(Segmenter(backend, progress=False), volume, {"medlam": medlam, "manual": manual},
+                        {1: "default", 2: "bone"})
     assert backend.encoder_calls == 4
 
 
@@ -436,18 +446,6 @@ def test_slice_subsampling_prompts_every_kth_slice(queries):
         "manual/boxfill"]
     assert m_sub["scored_truth_voxels"] < m_full["scored_truth_voxels"]
     assert m_sub["dsc"] == pytest.approx(m_full["dsc"], abs=0.05)  # an estimate of the same Dice
-
-
-def test_shared_encoder_reuses_identical_slices():
-    backend = BoxFiller()
-    shared = SharedEncoder(backend, capacity=2)
-    a, b, c = np.zeros((4, 4)), np.ones((4, 4)), np.full((4, 4), 2.0)
-    for image in (a, b, a, c, a, b):
-        shared.encode(image)
-    # a miss, b miss, a hit, c miss (evicts b), a hit, b miss
-    assert backend.encoder_calls == 4 and shared.hits == 2 and shared.decoder_calls == 0
-    with pytest.raises(ValueError):
-        SharedEncoder(backend, capacity=0)
 
 
 # -- the command end to end ------------------------------------------------------------------------
@@ -507,7 +505,7 @@ def test_command_refuses_bad_input(dataset, tmp_path, capsys):
     args = _eval_args(dataset, tmp_path / "c")
     args[args.index("--organs") + 1] = "brain"
     assert cli.main(args) == 2
-    assert "not in the label map" in capsys.readouterr().err
+    assert "unknown organ 'brain'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_localize_returns_boxes_in_original_voxels_and_world(random_embedder, st
         templates.add(compute_support(random_embedder, s.image, s.label, LABEL_MAP, f"s{n}",
                                       organs=["liver", "spleen"]), LABEL_MAP)
     localizer = Localizer(random_embedder, templates)
-    result = localizer.localize(query.image, organs=["liver", str(LABEL_MAP["spleen"])], mode="SPL", seed=3)
+    result = localizer.localize(query.image, organs=["liver", str(LABEL_MAP["spleen"])], mode="SPL", seed=3).to_json()
     assert set(result["organs"]) == {"liver", "spleen"}
     shape = np.array(query.image.shape)
     for organ in result["organs"].values():
@@ -141,7 +141,7 @@ def test_localize_returns_boxes_in_original_voxels_and_world(random_embedder, st
         assert organ["parts"] and all(len(p["box_voxel"]) == 2 for p in organ["parts"])
         assert set(organ["extreme_points_voxel"]) == set(EXTREME_POINTS)
     # same seed, same answer
-    again = localizer.localize(query.image, organs=["liver"], mode="SPL", seed=3)
+    again = localizer.localize(query.image, organs=["liver"], mode="SPL", seed=3).to_json()
     assert again["organs"]["liver"]["box_voxel"] == result["organs"]["liver"]["box_voxel"]
     with pytest.raises(ValueError, match="no support template"):
         localizer.localize(query.image, organs=["brain"])
@@ -170,7 +170,7 @@ def test_demo_weights_flag_organs_outside_the_scan_range():
                                       organs=["urinary_bladder", "heart", "lung_left"]), LABEL_MAP)
     query = generate_study(24, preset="tiny", scan_range="thorax")
     truth = set(np.unique(np.asanyarray(query.label.dataobj)).tolist())
-    result = Localizer(embedder, templates).localize(query.image, organs=["urinary_bladder", "heart", "lung_left"])
+    result = Localizer(embedder, templates).localize(query.image, organs=["urinary_bladder", "heart", "lung_left"]).to_json()
     organs = result["organs"]
     print(json.dumps({k: (v["present"], v["confidence"], v["fraction_inside"]) for k, v in organs.items()}))
     assert LABEL_MAP["urinary_bladder"] not in truth and LABEL_MAP["heart"] in truth

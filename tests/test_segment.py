@@ -359,23 +359,27 @@ def test_medsam_checkpoint_loads_from_the_model_folder(tmp_path, monkeypatch):
 
 # -- boxes JSON of `medlsam localize` -------------------------------------------------------------
 def test_boxes_json_selection_uses_spl_parts_and_skips_absent_organs(tmp_path):
-    from medlsam.commands.segment import read_boxes, select_organ_boxes
+    from medlsam.commands.segment import read_localization, select_organs
 
     organs = {
         "liver": {"id": 1, "present": True, "box_voxel": [[0, 0, 0], [9, 9, 9]],
                   "parts": [{"box_voxel": [[0, 0, 0], [9, 9, 4]]}, {"box_voxel": [[2, 2, 5], [8, 8, 9]]}]},
-        "spleen": {"id": 2, "present": False, "box_voxel": None},
+        "spleen": {"id": 2, "present": False, "box_voxel": [[0, 0, 0], [1, 1, 1]]},
         "kidney_left": {"id": 3, "present": True, "box_voxel": [[1, 2, 3], [4, 5, 6]]},
     }
     path = tmp_path / "boxes.json"
-    path.write_text(__import__("json").dumps({"organs": organs}))
-    boxes, names = select_organ_boxes(read_boxes(path), None, whole_box=False)
-    assert names == {1: "liver", 3: "kidney_left"}
-    assert boxes[1] == [((0, 0, 0), (9, 9, 4)), ((2, 2, 5), (8, 8, 9))] and boxes[3] == [((1, 2, 3), (4, 5, 6))]
-    whole, _ = select_organ_boxes(organs, ["3", "liver"], whole_box=True)
-    assert whole == {1: [((0, 0, 0), (9, 9, 9))], 3: [((1, 2, 3), (4, 5, 6))]}
+    path.write_text(__import__("json").dumps({"mode": "SPL", "organs": organs}))
+    localization = read_localization(path)
+    assert localization.label_names == {"liver": 1, "kidney_left": 3} and localization.absent == ["spleen"]
+    boxes = localization.prompt_boxes()
+    assert boxes[1] == [([0, 0, 0], [9, 9, 4]), ([2, 2, 5], [8, 8, 9])] and boxes[3] == [([1, 2, 3], [4, 5, 6])]
+    whole = select_organs(localization, ["3", "liver"]).prompt_boxes("WPL")
+    assert whole == {1: [([0, 0, 0], [9, 9, 9])], 3: [([1, 2, 3], [4, 5, 6])]}
     with pytest.raises(ValueError, match="unknown organ"):
-        select_organ_boxes(organs, ["pancreas"], whole_box=False)
+        select_organs(localization, ["pancreas"])
     path.write_text('{"organs": {}}')
-    with pytest.raises(ValueError, match="no 'organs'"):
-        read_boxes(path)
+    with pytest.raises(ValueError, match="'organs'"):
+        read_localization(path)
+    path.write_text('{"organs": {"liver": {"id": 1, "box_voxel": [[0, 0], [1, 1]]}}}')
+    with pytest.raises(ValueError, match="box_voxel"):
+        read_localization(path)

@@ -12,17 +12,17 @@ import os
 import tempfile
 import threading
 
-from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 
 from tasks.context import MedLSAMContext
-from tasks.datastore import CheckedLocalDatastore
-from tasks.dicomweb import PacsDatastore, client_result, pacs_datastore
-from tasks.errors import bad_request, client_errors
+from tasks.datastore import LocalStudyStore, StudyStore
+from tasks.dicomweb import client_result, pacs_datastore
+from tasks.errors import bad_request, http_error, request_errors
 from tasks.infer_medlam import MedLAMInfer
 from tasks.infer_medlsam import MedLSAMInfer
 from tasks.infer_sam import SAMInfer
+from tasks.label_check import FinalLabelCheck
 from tasks.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class MedLSAMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.settings = AppSettings.from_conf(conf or {}, app_dir, studies)
+        self.label_map = self.settings.read_label_map()
         self.ctx: MedLSAMContext | None = None  # built once the datastore exists (init_infers)
         super().__init__(
             app_dir=app_dir,
@@ -43,26 +44,22 @@ class MedLSAMApp(MONAILabelApp):
         )
 
     # --- MONAI Label hooks ----------------------------------------------------------------------
-    def init_datastore(self):
+    def init_datastore(self) -> StudyStore:
+        check = FinalLabelCheck(self.label_map)
         if self.studies.startswith(("http://", "https://")):  # DICOMweb: final labels are SEGs (tasks/dicomweb.py)
-            return pacs_datastore(self.studies)
-        datastore = CheckedLocalDatastore(
-            self.studies,
+            return pacs_datastore(self.studies, self.label_map, check)
+        return LocalStudyStore(
+            self.studies, self.label_map, check,
             extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
-        return datastore
 
     def init_infers(self):
         self.ctx = MedLSAMContext(self.settings, self.datastore())
-        if isinstance(self.datastore(), (CheckedLocalDatastore, PacsDatastore)):
-            self.datastore().validate = self.ctx.validate_final_label
-        if isinstance(self.datastore(), PacsDatastore):
-            self.datastore().label_ids = dict(self.ctx.label_ids)
         # /info `labels` as a list ordered by id: OHIF v3's MONAI Label panel appends to it (a dict
         # breaks the panel: no models listed); each model's `labels` keeps the {name: id} map
-        self.labels = [name for name, _ in sorted(self.ctx.label_ids.items(), key=lambda kv: kv[1])]
+        self.labels = self.label_map.names
         return {"medlam": MedLAMInfer(self.ctx), "sam": SAMInfer(self.ctx), "medlsam": MedLSAMInfer(self.ctx)}
 
     def init_trainers(self):
@@ -99,7 +96,7 @@ class MedLSAMApp(MONAILabelApp):
         studies = {s.study_id: s for s in self.ctx.support_studies()}
         if image_id not in studies:
             return {}
-        with client_errors("template store"):
+        with request_errors("saving the label"):
             organs = self.ctx.store.add_support(studies[image_id])
         return {"templates": organs}
 
@@ -112,16 +109,15 @@ class MedLSAMApp(MONAILabelApp):
             self._check_image_reference(image, datastore or self.datastore())
         return client_result(super().infer(request, datastore), request)
 
-    def _check_image_reference(self, image: str, datastore) -> None:
+    def _check_image_reference(self, image: str, datastore: StudyStore) -> None:
         """Only datastore ids and uploaded files (server temp folder): never other server paths."""
-        if isinstance(datastore, PacsDatastore) and not os.path.isabs(image):
-            return datastore.check_image(image)  # 404 unknown series, 422 non-CT, 503 PACS down
-        if image in datastore.list_images():
+        real = os.path.realpath(image) if os.path.isabs(image) else ""
+        if real and os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):
             return
-        real = os.path.realpath(image)
-        if os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):
-            return
-        raise bad_request(f"image {image!r} is not a study of this datastore", 404)
+        try:
+            datastore.image_file(image)  # 404 unknown id; DICOMweb: 422 non-CT, 503 PACS down
+        except Exception as exc:  # noqa: BLE001 - every failure is answered with its HTTP class
+            raise http_error(exc, "image") from exc
 
     def info(self):
         meta = super().info()

@@ -19,6 +19,8 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from medlsam.errors import InputError
+
 # Piecewise-linear CT intensity map of the MedLAM preprocessing (METHOD section 2).
 HU_KNOTS = (-1000.0, -200.0, 200.0, 1500.0)
 MAPPED_KNOTS = (0.0, 0.2, 0.8, 1.0)
@@ -63,7 +65,7 @@ def check_ct_intensities(array: np.ndarray, name: str = "image") -> None:
     """Raise ValueError unless the intensities look like CT Hounsfield units."""
     lo, hi = float(array.min()), float(array.max())
     if lo >= HU_MIN_THRESHOLD:
-        raise ValueError(
+        raise InputError(
             f"{name} intensities range from {lo:g} to {hi:g}: this does not look like CT in "
             "Hounsfield units (no air below -10 HU). MedLSAM expects CT; rescale the image to HU "
             "(e.g. apply RescaleSlope/Intercept) first."
@@ -108,7 +110,7 @@ class MedLAMGrid:
     ) -> "MedLAMGrid":
         """Preprocess a CT study for MedLAM (reorient, resample, HU map, pad)."""
         if len(img.shape) != 3:
-            raise ValueError(f"{name} must be a 3D volume, got shape {tuple(img.shape)}")
+            raise InputError(f"{name} must be a 3D volume, got shape {tuple(img.shape)}")
         array_zyx, index_map = reorient_zyx(img, "LAS")
         check_ct_intensities(array_zyx, name)
         spacing_in = voxel_spacing(img.affine @ index_map)
@@ -120,7 +122,7 @@ class MedLAMGrid:
         extent_mm = np.array(array_zyx.shape) * spacing_in
         field_of_view_mm = np.asarray(patch_size) * target
         if np.any(extent_mm < field_of_view_mm / 2):
-            raise ValueError(
+            raise InputError(
                 f"{name} covers only {np.round(extent_mm).astype(int).tolist()} mm (z, y, x), less than half of "
                 f"one MedLAM patch ({np.round(field_of_view_mm).astype(int).tolist()} mm): too small to localize in"
             )
@@ -167,7 +169,7 @@ class AxialView:
     @classmethod
     def from_nifti(cls, img: nib.Nifti1Image, dtype=np.float32) -> "AxialView":
         if len(img.shape) != 3:
-            raise ValueError(f"expected a 3D volume, got shape {tuple(img.shape)}")
+            raise InputError(f"expected a 3D volume, got shape {tuple(img.shape)}")
         array, index_map = reorient_zyx(img, cls.AXCODES)
         return cls(
             array=array.astype(dtype, copy=False) if dtype is not None else array,

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import nibabel as nib
 import numpy as np
 
+from medlsam.errors import InputError, NotFoundError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -62,51 +64,29 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image") -> nib.Nifti1Ima
     """Load a 3D NIfTI (a trailing singleton 4th axis is dropped) or raise ValueError saying why not."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise NotFoundError(f"{what} file not found: {path}")
     try:
         img = nib.load(str(path))
         shape = img.shape
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
+        raise InputError(f"{what} {path.name} is not a readable NIfTI file: {exc}") from exc
     if len(shape) == 4 and shape[3] == 1:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
         shape = img.shape
     if len(shape) != 3:
-        raise ValueError(f"{what} {path.name} must be a 3D volume, got shape {tuple(shape)}")
+        raise InputError(f"{what} {path.name} must be a 3D volume, got shape {tuple(shape)}")
     if min(shape) < 2:
-        raise ValueError(
+        raise InputError(
             f"{what} {path.name} has shape {tuple(shape)}: a 3D CT volume needs at least 2 voxels "
             "along every axis (this looks like a 2D image)"
         )
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
-        raise ValueError(f"{what} {path.name} has an invalid (singular or non-finite) affine")
+        raise InputError(f"{what} {path.name} has an invalid (singular or non-finite) affine")
     return img
 
 
 def load_label_map(path: str | os.PathLike) -> dict[str, int]:
-    """Read a JSON label map {organ name: label id} and check it."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label map not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"label map {path} is not valid JSON: {exc}") from exc
-    return check_label_map(raw, source=str(path))
+    """Read a JSON label map {organ name: label id} and check it (see `medlsam.labels.LabelMap`)."""
+    from medlsam.labels import LabelMap
 
-
-def check_label_map(raw: Any, source: str = "label map") -> dict[str, int]:
-    """Validate {name: id} with unique positive integer ids; return it with int ids."""
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{source}: expected a non-empty JSON object {{name: id}}")
-    out: dict[str, int] = {}
-    for name, value in raw.items():
-        if name.lower() == "background":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 256:
-            raise ValueError(f"{source}: id of {name!r} must be an integer in 1..255, got {value!r}")
-        out[str(name)] = value
-    ids = list(out.values())
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{source}: label ids must be unique")
-    return out
+    return LabelMap.from_file(path).to_dict()

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -132,8 +133,35 @@ def _prepare_data(cfg: TrainConfig, paths: list[str], cache_dir: Path, ctx) -> l
     return data.load_volumes([p for p in ready if p.exists()])
 
 
+@dataclass
+class _Training:
+    """What a run trains: the network, its loss step (DDP-wrapped when distributed), the optimizer."""
+
+    net: MedLAMNet
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    iteration: int = 0
+    epoch: int = 0
+
+
 def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
     torch.manual_seed(cfg.seed + ctx.rank)
+    training = _build_training(cfg, out, resume, ctx)
+    sampler, dataset, loader = _build_loader(cfg, volumes, ctx)
+    writer = _tensorboard(out / "tb") if ctx.is_main else None
+    log.info(
+        "training %s on %d volumes, %d process(es), device %s, from iteration %d to %d",
+        cfg.network_config().describe(), len(volumes), ctx.world_size, ctx.device, training.iteration, cfg.iterations,
+    )
+    started = time.monotonic()
+    stop = _train_loop(cfg, training, sampler, dataset, loader, out, progress, should_stop, ctx, writer, started)
+    if stop:
+        log.info("stop requested at iteration %d", training.iteration)
+    return _publish(cfg, training, out, ctx, writer, started)
+
+
+def _build_training(cfg, out: Path, resume: bool, ctx) -> _Training:
+    """The network (from `init_weights` or fresh), the optimizer, and the resumed position."""
     net_cfg = cfg.network_config()
     net = MedLAMNet(net_cfg)
     if cfg.init_weights:
@@ -147,18 +175,21 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
     optimizer = torch.optim.Adam(
         [p for p in net.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
-    iteration, epoch = 0, 0
+    training = _Training(net, step, optimizer)
     if resume and (out / CHECKPOINT).exists():
-        iteration, epoch = _load_state(out / CHECKPOINT, net, optimizer, cfg, ctx.device)
-        log.info("resumed from %s at iteration %d", out / CHECKPOINT, iteration)
-    model: nn.Module = step
+        training.iteration, training.epoch = _load_state(out / CHECKPOINT, net, optimizer, cfg, ctx.device)
+        log.info("resumed from %s at iteration %d", out / CHECKPOINT, training.iteration)
     if ctx.enabled:
-        model = nn.parallel.DistributedDataParallel(
+        training.model = nn.parallel.DistributedDataParallel(
             step,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=cfg.effective_mss_pairs == 0,
         )
+    return training
 
+
+def _build_loader(cfg, volumes, ctx):
+    """(sampler, dataset, loader) of patch pairs, sharded over the ranks."""
     dataset = PatchPairDataset(volumes, cfg.spacing_mm, cfg)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     batches = MSSBatchSampler(sampler, cfg.batch_size, cfg.effective_mss_pairs, len(dataset))
@@ -175,32 +206,34 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
         worker_init_fn=_worker_init,
         pin_memory=ctx.device.type == "cuda",
     )
-    writer = _tensorboard(out / "tb") if ctx.is_main else None
-    log.info(
-        "training %s on %d volumes, %d process(es), device %s, from iteration %d to %d",
-        net_cfg.describe(), len(volumes), ctx.world_size, ctx.device, iteration, cfg.iterations,
-    )
-    started = time.monotonic()
+    return sampler, dataset, loader
+
+
+def _train_loop(cfg, training: _Training, sampler, dataset, loader, out: Path, progress, should_stop, ctx, writer,
+                started: float) -> bool:
+    """Optimize until `cfg.iterations` (or a stop request); returns whether it was stopped early."""
     last_save = started
     window: dict[str, list[float]] = {}
     stop = False
-    while iteration < cfg.iterations and not stop:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+    optimizer = training.optimizer
+    while training.iteration < cfg.iterations and not stop:
+        sampler.set_epoch(training.epoch)
+        dataset.set_epoch(training.epoch)
         for batch in loader:
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate_at(iteration)
-            losses = model(batch)
+                group["lr"] = cfg.learning_rate_at(training.iteration)
+            losses = training.model(batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
-            iteration += 1
+            training.iteration += 1
             for key, value in losses.items():
                 window.setdefault(key, []).append(float(value.detach()))
             window.setdefault("lr", []).append(optimizer.param_groups[0]["lr"])
-            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                report = _report(window, iteration, cfg.iterations, time.monotonic() - started)
+            if training.iteration % cfg.log_every == 0 or training.iteration == cfg.iterations:
+                report = _report(window, training.iteration, cfg.iterations, time.monotonic() - started)
+                report["epoch"] = training.epoch
                 window = {}
                 if ctx.is_main:
                     _log_report(report, writer)
@@ -208,27 +241,32 @@ def _run(cfg, volumes, out: Path, resume, progress, should_stop, ctx) -> str:
                         progress(report)
             stop = ctx.any_true(should_stop is not None and bool(should_stop()))
             if ctx.is_main and time.monotonic() - last_save >= cfg.checkpoint_every_s:
-                _save_state(out / CHECKPOINT, net, optimizer, cfg, iteration, epoch)
+                _save_state(out / CHECKPOINT, training.net, optimizer, cfg, training.iteration, training.epoch)
                 last_save = time.monotonic()
-            if stop or iteration >= cfg.iterations:
+            if stop or training.iteration >= cfg.iterations:
                 break
-        epoch += 1
-    if stop:
-        log.info("stop requested at iteration %d", iteration)
+        training.epoch += 1
+    return stop
+
+
+def _publish(cfg, training: _Training, out: Path, ctx, writer, started: float) -> str:
+    """Write the final training state and the published weights (main rank), after checking the ranks agree."""
+    net = training.net
     fingerprints = ctx.all_gather_strings(weights_fingerprint(net))
     if ctx.is_main:
         if len(set(fingerprints)) != 1:
             raise RuntimeError("distributed ranks ended with different weights")
-        _save_state(out / CHECKPOINT, net, optimizer, cfg, iteration, epoch + 1)
+        _save_state(out / CHECKPOINT, net, training.optimizer, cfg, training.iteration, training.epoch + 1)
         save_medlam(
             out / PUBLISHED,
             net,
-            net_cfg,
-            extra={"iterations": iteration, "train_config": cfg.to_dict(), "world_size": ctx.world_size},
+            cfg.network_config(),
+            extra={"iterations": training.iteration, "train_config": cfg.to_dict(), "world_size": ctx.world_size},
         )
         log.info(
             "published %s after %d iterations (%.0f s); ranks in sync: %s (%d), weights %s",
-            out / PUBLISHED, iteration, time.monotonic() - started, True, len(fingerprints), fingerprints[0][:12],
+            out / PUBLISHED, training.iteration, time.monotonic() - started, True, len(fingerprints),
+            fingerprints[0][:12],
         )
         if writer is not None:
             writer.close()

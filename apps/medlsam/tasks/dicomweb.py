@@ -38,9 +38,13 @@ from monailabel.datastore.utils.convert import binary_to_image
 from pydicom.dataset import Dataset
 
 from medlsam.dicom import read_seg, referenced_series_uid, sitk_from_nifti
+from medlsam.errors import InputError
 from medlsam.io import atomic_path, save_nifti
+from medlsam.labels import LabelMap
+from medlsam.medlam.store import SupportStudy
 
 from .errors import bad_request
+from .label_check import FinalLabelCheck
 
 logger = logging.getLogger(__name__)
 FINAL = "final"
@@ -91,17 +95,17 @@ def pacs_errors(method: Callable) -> Callable:
 class PacsDatastore(DICOMWebDatastore):
     """DICOMWebDatastore whose final labels are DICOM SEGs mapped to the app's label map."""
 
-    validate: Callable[[str, str], None] | None = None  # (image_id, label_file) -> raises 4xx
-
-    def __init__(self, url: str, cache_path: str | None = None, search_filter: dict | None = None):
+    def __init__(self, url: str, label_map: LabelMap, check_final_label: FinalLabelCheck,
+                 cache_path: str | None = None, search_filter: dict | None = None):
         ensure_dcmqi_on_path()
+        self.label_map = label_map
+        self.check_final_label = check_final_label
         client = DICOMwebClientX(url=url, session=None, qido_url_prefix=ml_settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=ml_settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=ml_settings.MONAI_LABEL_STOW_PREFIX)
         # dicomweb-client retries every failed call 5 times with exponential back-off (30 s for a
         # PACS that is down); one quick retry keeps a clear 503 quick
         client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
-        self.label_ids: dict[str, int] = {}
         self._seg_refs: dict[str, dict] = {}  # SEG series uid -> {image, study, when} (SEGs never change)
         self._unusable_segs: dict[str, str] = {}  # SEG series uid -> why it cannot be a label
         self._lists: dict[str, tuple[float, Any]] = {}
@@ -155,8 +159,22 @@ class PacsDatastore(DICOMWebDatastore):
 
         return self._cached("segs", compute, fresh)
 
+    # --- StudyStore -----------------------------------------------------------------------------
+    def image_file(self, image_id: str) -> str:
+        self.check_image(image_id)
+        return self.get_image_uri(image_id)
+
+    def final_label_studies(self) -> list[SupportStudy]:
+        studies = []
+        for image_id in self.get_labeled_images(FINAL):
+            label_uri = self.get_label_uri(image_id, FINAL)
+            image_uri = self.get_image_uri(image_id)
+            if label_uri and image_uri and os.path.exists(label_uri):
+                studies.append(SupportStudy(image_id, Path(image_uri), Path(label_uri)))
+        return studies
+
     @pacs_errors
-    def final_label_snapshot(self) -> tuple:
+    def final_labels_version(self) -> tuple:
         """(image series, newest SEG series) pairs: changes whenever a SEG is stored or removed.
 
         Always asks the PACS (two QIDO searches, milliseconds next to an inference): a SEG another
@@ -231,14 +249,12 @@ class PacsDatastore(DICOMWebDatastore):
         return str(out)
 
     def _decode_seg(self, image_id: str, seg_uid: str, out: Path) -> None:
-        if not self.label_ids:
-            raise RuntimeError("PacsDatastore.label_ids is not set: the app sets it before reading labels")
         reference = nib.load(self.get_image_uri(image_id))
         instances = self._client.retrieve_series(self._seg_refs[seg_uid]["study"], seg_uid)
         if not instances:
             raise bad_request(f"SEG series {seg_uid} has no instances", 502)
         try:
-            labels, report = read_seg(instances[0], reference, self.label_ids)
+            labels, report = read_seg(instances[0], reference, self.label_map.to_dict())
         except ValueError as exc:
             raise bad_request(f"SEG {seg_uid} of series {image_id}: {exc}") from exc
         logger.info("SEG %s -> label of %s: organs %s, ignored %s", seg_uid, image_id, sorted(report["mapped"]),
@@ -255,8 +271,10 @@ class PacsDatastore(DICOMWebDatastore):
             label_filename = converted
         try:
             if label_tag == FINAL:
-                if self.validate is not None:
-                    self.validate(image_id, label_filename)
+                try:
+                    self.check_final_label(self.get_image_uri(image_id), label_filename, image_id)
+                except InputError as exc:
+                    raise bad_request(str(exc)) from exc
                 label_info.setdefault("label_info", self._segment_info(label_filename))
                 label_info.setdefault("model_name", "MedLSAM")
             try:
@@ -276,14 +294,14 @@ class PacsDatastore(DICOMWebDatastore):
 
     def _segment_info(self, label_file: str) -> list[dict]:
         """MONAI Label's SEG conversion names segment i after label_info[i] (ids in ascending order)."""
-        names = {v: k for k, v in self.label_ids.items()}
+        names = {v: k for k, v in self.label_map.items()}
         data = np.asanyarray(nib.load(label_file).dataobj)
         ids = sorted(int(v) for v in np.unique(data) if v != 0)
         return [{"name": names.get(i, f"label_{i}"), "description": names.get(i, f"label {i}")} for i in ids]
 
 
-def pacs_datastore(url: str) -> PacsDatastore:
-    return PacsDatastore(url.rstrip("/"))
+def pacs_datastore(url: str, label_map: LabelMap, check_final_label: FinalLabelCheck) -> PacsDatastore:
+    return PacsDatastore(url.rstrip("/"), label_map, check_final_label)
 
 
 # --- results in the client's format --------------------------------------------------------------

@@ -9,7 +9,7 @@ from medlsam.io import save_nifti
 from medlsam.medlam.box_volume import boxes_to_label_volume
 
 from .context import MedLSAMContext
-from .errors import client_errors
+from .errors import request_errors
 
 
 class MedLAMInfer(InferTask):
@@ -27,11 +27,9 @@ class MedLAMInfer(InferTask):
         return True
 
     def __call__(self, request):
-        with client_errors("medlam"):
+        with request_errors("medlam"):
             image, organs, mode, seed = self.ctx.localization_request(request)
-            result = self.ctx.localizer(request).localize(image, organs=organs, mode=mode, seed=seed)
-        result["label_names"] = {n: e["id"] for n, e in result["organs"].items() if e["present"]}
-        result["absent"] = sorted(n for n, e in result["organs"].items() if not e["present"])
+            localization = self.ctx.localizer(request).localize(image, organs=organs, mode=mode, seed=seed)
         out = self.ctx.result_file()
-        save_nifti(nib.Nifti1Image(boxes_to_label_volume(result["organs"], image.shape), image.affine), out)
-        return out, result
+        save_nifti(nib.Nifti1Image(boxes_to_label_volume(localization, image.shape), image.affine), out)
+        return out, {**localization.to_json(), "timings": localization.timings}

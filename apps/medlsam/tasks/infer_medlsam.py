@@ -9,7 +9,7 @@ from medlsam.io import save_nifti
 from medlsam.pipeline import run_medlsam
 
 from .context import MedLSAMContext
-from .errors import client_errors
+from .errors import request_errors
 
 
 class MedLSAMInfer(InferTask):
@@ -28,12 +28,11 @@ class MedLSAMInfer(InferTask):
         return True
 
     def __call__(self, request):
-        with client_errors("medlsam"):
+        with request_errors("medlsam"):
             image, organs, mode, seed = self.ctx.localization_request(request)
             localizer = self.ctx.localizer(request)
             with self.ctx.segment_lock:
-                labels, report = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode,
-                                             seed=seed)
+                result = run_medlsam(image, localizer, self.ctx.segmenter(), organs=organs, mode=mode, seed=seed)
         out = self.ctx.result_file()
-        save_nifti(nib.Nifti1Image(labels, image.affine), out)
-        return out, report
+        save_nifti(nib.Nifti1Image(result.labels, image.affine), out)
+        return out, result.report()

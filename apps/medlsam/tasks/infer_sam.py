@@ -13,7 +13,7 @@ from medlsam.io import save_nifti
 from medlsam.segment import window_for_organ_name
 
 from .context import MedLSAMContext
-from .errors import bad_request, client_errors
+from .errors import bad_request, request_errors
 from .requests import points_param, roi_param
 
 
@@ -41,7 +41,7 @@ class SAMInfer(InferTask):
 
     def __call__(self, request):
         started = time.perf_counter()
-        with client_errors("sam"):
+        with request_errors("sam"):
             image = self.ctx.load_image(self.ctx.image_path(request))
             roi = roi_param(request.get("roi"), image.shape)
             foreground = points_param(request, "foreground", image.shape)

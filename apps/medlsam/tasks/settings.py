@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlsam.labels import LabelMap
 from medlsam.medlam.patches import PRECISIONS
-from medlsam.paths import DEMO_MEDLAM, MODEL_DIR, OFFICIAL_MEDLAM
+from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
 from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
 
+logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
 
 
@@ -34,13 +37,13 @@ class AppSettings:
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
-        model_dir = Path(conf.get("model_dir", os.environ.get("MEDLSAM_MODEL_DIR", MODEL_DIR)))
+        model_dir = resolve_model_dir(conf.get("model_dir"), app_dir)
         # Weights published by the trainer task win; then the configured, official or demo ones.
         trained = model_dir / "medlam_trained" / "medlam.pt"
         if conf.get("medlam_checkpoint"):
             checkpoints = [trained, Path(conf["medlam_checkpoint"])]
         else:
-            checkpoints = [trained, model_dir / OFFICIAL_MEDLAM.name, DEMO_MEDLAM]
+            checkpoints = [trained, model_dir / OFFICIAL_MEDLAM_NAME, DEMO_MEDLAM]
         label_map = conf.get("label_map")
         if not label_map and not studies.startswith("http"):
             for candidate in (Path(studies) / "label_map.json", Path(studies).parent / "label_map.json"):
@@ -80,6 +83,15 @@ class AppSettings:
             medlam_batch_size=batch_size,
             medlam_precision=precision,
         )
+
+    def read_label_map(self) -> LabelMap:
+        """The configured label map; without one, the sample generator's organs (with a warning)."""
+        if self.label_map is not None:
+            return LabelMap.from_file(self.label_map)
+        from medlsam.synthetic import LABEL_MAP
+
+        logger.warning("no label map found (--conf label_map <json>); using the sample generator's organs")
+        return LabelMap(LABEL_MAP, source="the sample generator's organs")
 
 
 def default_template_store(model_dir: Path, studies: str) -> Path:

@@ -9,11 +9,14 @@ import resource
 import statistics
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medlsam.io import atomic_write_json, load_nifti
+from medlsam.segment.postprocess import dice
 
 DEFAULT_OUT = Path("runs") / "bench" / "segment_bench.json"
 
@@ -84,30 +87,29 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b else None
 
 
+@dataclass
+class _Case:
+    """The benchmarked study: its axial view, ground truth, organ boxes and windows."""
+
+    source: str
+    view: Any
+    truth: np.ndarray
+    names: dict[int, str]
+    boxes: dict[int, list]
+    windows: dict[int, str]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from medlsam.geometry import AxialView
-    from medlsam.segment import Segmenter, boxes_from_labels, build_backend, dice, window_for_organ_name
+    from medlsam.segment import Segmenter, build_backend
 
     if args.z_step < 1 or args.speed_slices < 1:
         raise ValueError("--z-step and --speed-slices must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    image, labels_img, label_map, source = _load_study(args)
-    view = AxialView.from_nifti(image)
-    gt = AxialView.from_nifti(labels_img, dtype=None).array
-    names = {i: n for n, i in label_map.items()}
-    if args.organs:
-        unknown = sorted(set(args.organs) - set(label_map))
-        if unknown:
-            raise ValueError(f"unknown organ(s) {unknown}; known: {sorted(label_map)}")
-        names = {label_map[n]: n for n in args.organs}
-    boxes = {int(k): [v] for k, v in boxes_from_labels(gt).items() if k in names}
-    if not boxes:
-        raise ValueError("the label volume has no organ to benchmark")
-    windows = {k: window_for_organ_name(names[k]) if args.auto_windows else "default" for k in boxes}
-    print(f"{source}: shape (z, y, x) {view.array.shape}, {len(boxes)} organs, backend {args.model}, "
+    case = _prepare_case(args)
+    print(f"{case.source}: shape (z, y, x) {case.view.array.shape}, {len(case.boxes)} organs, backend {args.model}, "
           f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
     t0 = time.perf_counter()
@@ -117,76 +119,24 @@ def run(args: argparse.Namespace) -> int:
     if not fast.accelerated:
         print("note: the accelerated encoder is unavailable here; both columns run eager")
 
-    cached_seg = Segmenter(fast, cache=True)
-    covered = covered_slices(cached_seg, view.array.shape, boxes)
+    covered = covered_slices(Segmenter(fast, cache=True), case.view.array.shape, case.boxes)
     subset = covered[:: args.z_step]
-
-    # 1. one encoder pass per slice vs one per organ per slice, same slices, same encoder
-    print(f"[1/3] cache: {len(subset)} slices, one encoder pass each", flush=True)
-    cached, t_cached, mem_cached, rss_cached = _phase(
-        lambda: cached_seg.segment_volume(view.array, boxes, windows, slices=subset))
-    print(f"      done in {t_cached:.1f} s; [2/3] per-organ recompute (reference) on the same slices", flush=True)
-    recompute, t_recompute, mem_recompute, rss_recompute = _phase(
-        lambda: Segmenter(fast, cache=False).segment_volume(view.array, boxes, windows, slices=subset))
-    identical = bool(np.array_equal(cached.labels, recompute.labels))
-
-    # 2. encoder time per slice: eager fp32 vs accelerated, interleaved slice by slice
-    picks = [subset[int(i)] for i in np.linspace(0, len(subset) - 1, min(args.speed_slices, len(subset)))]
-    picks = sorted(set(picks))
-    print(f"      done in {t_recompute:.1f} s; [3/3] eager vs accelerated on {len(picks)} slices", flush=True)
-    seg_eager, seg_fast = Segmenter(eager, progress=False), Segmenter(fast, progress=False)
-    eager_times, fast_times, eager_slice, fast_slice = [], [], [], []
-    eager_labels = np.zeros_like(cached.labels)
-    fast_labels = np.zeros_like(cached.labels)
-    seg_eager.segment_volume(view.array, boxes, windows, slices=picks[:1])  # warm-up
-    seg_fast.segment_volume(view.array, boxes, windows, slices=picks[:1])
-    for z in picks:
-        r = seg_eager.segment_volume(view.array, boxes, windows, slices=[z])
-        eager_times.append(r.stats["encode_seconds"] / max(r.stats["encoder_calls"], 1))
-        eager_slice.append(r.stats["seconds"])
-        eager_labels[z] = r.labels[z]
-        r = seg_fast.segment_volume(view.array, boxes, windows, slices=[z])
-        fast_times.append(r.stats["encode_seconds"] / max(r.stats["encoder_calls"], 1))
-        fast_slice.append(r.stats["seconds"])
-        fast_labels[z] = r.labels[z]
-    agreement = {names[k]: round(dice(eager_labels[picks] == k, fast_labels[picks] == k), 4)
-                 for k in boxes if (eager_labels[picks] == k).any() or (fast_labels[picks] == k).any()}
-    median_eager, median_fast = statistics.median(eager_times), statistics.median(fast_times)
-
-    gt_dice = {names[k]: round(dice(cached.labels[subset] == k, gt[subset] == k), 4) for k in boxes}
+    cache_report, cached_labels = _cache_phase(case, fast, subset)
+    speed_report = _speed_phase(case, eager, fast, subset, args.speed_slices, setup_fast)
+    gt_dice = {case.names[k]: round(dice(cached_labels[subset] == k, case.truth[subset] == k), 4) for k in case.boxes}
     report = {
-        "source": source,
-        "shape_zyx": list(view.array.shape),
+        "source": case.source,
+        "shape_zyx": list(case.view.array.shape),
         "backend": args.model,
-        "organs": len(boxes),
+        "organs": len(case.boxes),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "slices_covered": len(covered),
         "slices_segmented": len(subset),
         "z_step": args.z_step,
-        "windows": sorted(set(windows.values())),
-        "cache": {
-            "with_cache": {**cached.stats, "wall_seconds": t_cached, "python_peak_mb": mem_cached,
-                           "max_rss_mb": rss_cached},
-            "per_organ_recompute": {**recompute.stats, "wall_seconds": t_recompute,
-                                    "python_peak_mb": mem_recompute, "max_rss_mb": rss_recompute},
-            "encoder_call_ratio": _ratio(recompute.stats["encoder_calls"], cached.stats["encoder_calls"]),
-            "wall_time_ratio": _ratio(t_recompute, t_cached),
-            "identical_masks": identical,
-        },
-        "encoder_speed": {
-            "slices": picks,
-            "accelerated": bool(fast.accelerated),
-            "accelerated_setup_seconds": setup_fast,
-            "eager_seconds_per_slice": round(median_eager, 4),
-            "accelerated_seconds_per_slice": round(median_fast, 4),
-            "speedup": _ratio(median_eager, median_fast),
-            "eager_slice_seconds_all_organs": round(statistics.median(eager_slice), 4),
-            "accelerated_slice_seconds_all_organs": round(statistics.median(fast_slice), 4),
-            "slice_speedup_all_organs": _ratio(statistics.median(eager_slice), statistics.median(fast_slice)),
-            "dice_eager_vs_accelerated": agreement,
-            "min_dice_eager_vs_accelerated": min(agreement.values()) if agreement else None,
-        },
+        "windows": sorted(set(case.windows.values())),
+        "cache": cache_report,
+        "encoder_speed": speed_report,
         "dice_vs_ground_truth": gt_dice,
         "max_rss_mb": _max_rss_mb(),
     }
@@ -194,6 +144,87 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+def _prepare_case(args) -> _Case:
+    from medlsam.geometry import AxialView
+    from medlsam.segment import boxes_from_labels, window_for_organ_name
+
+    image, labels_img, label_map, source = _load_study(args)
+    view = AxialView.from_nifti(image)
+    truth = AxialView.from_nifti(labels_img, dtype=None).array
+    names = {i: n for n, i in label_map.items()}
+    if args.organs:
+        unknown = sorted(set(args.organs) - set(label_map))
+        if unknown:
+            raise ValueError(f"unknown organ(s) {unknown}; known: {sorted(label_map)}")
+        names = {label_map[n]: n for n in args.organs}
+    boxes = {int(k): [v] for k, v in boxes_from_labels(truth).items() if k in names}
+    if not boxes:
+        raise ValueError("the label volume has no organ to benchmark")
+    windows = {k: window_for_organ_name(names[k]) if args.auto_windows else "default" for k in boxes}
+    return _Case(source, view, truth, names, boxes, windows)
+
+
+def _cache_phase(case: _Case, backend, subset: list[int]) -> tuple[dict, np.ndarray]:
+    """One encoder pass per slice vs one per organ per slice: same slices, same encoder."""
+    from medlsam.segment import Segmenter
+
+    volume = case.view.array
+    print(f"[1/3] cache: {len(subset)} slices, one encoder pass each", flush=True)
+    cached, t_cached, mem_cached, rss_cached = _phase(
+        lambda: Segmenter(backend, cache=True).segment_volume(volume, case.boxes, case.windows, slices=subset))
+    print(f"      done in {t_cached:.1f} s; [2/3] per-organ recompute (reference) on the same slices", flush=True)
+    recompute, t_recompute, mem_recompute, rss_recompute = _phase(
+        lambda: Segmenter(backend, cache=False).segment_volume(volume, case.boxes, case.windows, slices=subset))
+    print(f"      done in {t_recompute:.1f} s", flush=True)
+    report = {
+        "with_cache": {**cached.stats, "wall_seconds": t_cached, "python_peak_mb": mem_cached,
+                       "max_rss_mb": rss_cached},
+        "per_organ_recompute": {**recompute.stats, "wall_seconds": t_recompute,
+                                "python_peak_mb": mem_recompute, "max_rss_mb": rss_recompute},
+        "encoder_call_ratio": _ratio(recompute.stats["encoder_calls"], cached.stats["encoder_calls"]),
+        "wall_time_ratio": _ratio(t_recompute, t_cached),
+        "identical_masks": bool(np.array_equal(cached.labels, recompute.labels)),
+    }
+    return report, cached.labels
+
+
+def _speed_phase(case: _Case, eager, fast, subset: list[int], n_slices: int, setup_fast: float) -> dict:
+    """Encoder time per slice, eager fp32 vs accelerated, interleaved slice by slice; masks compared."""
+    from medlsam.segment import Segmenter
+
+    volume, boxes, windows = case.view.array, case.boxes, case.windows
+    picks = sorted({subset[int(i)] for i in np.linspace(0, len(subset) - 1, min(n_slices, len(subset)))})
+    print(f"[3/3] eager vs accelerated on {len(picks)} slices", flush=True)
+    seg_eager, seg_fast = Segmenter(eager, progress=False), Segmenter(fast, progress=False)
+    eager_times, fast_times, eager_slice, fast_slice = [], [], [], []
+    eager_labels, fast_labels = np.zeros(volume.shape, np.uint8), np.zeros(volume.shape, np.uint8)
+    seg_eager.segment_volume(volume, boxes, windows, slices=picks[:1])  # warm-up
+    seg_fast.segment_volume(volume, boxes, windows, slices=picks[:1])
+    for z in picks:
+        for seg, times, per_slice, labels in ((seg_eager, eager_times, eager_slice, eager_labels),
+                                              (seg_fast, fast_times, fast_slice, fast_labels)):
+            r = seg.segment_volume(volume, boxes, windows, slices=[z])
+            times.append(r.stats["encode_seconds"] / max(r.stats["encoder_calls"], 1))
+            per_slice.append(r.stats["seconds"])
+            labels[z] = r.labels[z]
+    agreement = {case.names[k]: round(dice(eager_labels[picks] == k, fast_labels[picks] == k), 4)
+                 for k in boxes if (eager_labels[picks] == k).any() or (fast_labels[picks] == k).any()}
+    median_eager, median_fast = statistics.median(eager_times), statistics.median(fast_times)
+    return {
+        "slices": picks,
+        "accelerated": bool(fast.accelerated),
+        "accelerated_setup_seconds": setup_fast,
+        "eager_seconds_per_slice": round(median_eager, 4),
+        "accelerated_seconds_per_slice": round(median_fast, 4),
+        "speedup": _ratio(median_eager, median_fast),
+        "eager_slice_seconds_all_organs": round(statistics.median(eager_slice), 4),
+        "accelerated_slice_seconds_all_organs": round(statistics.median(fast_slice), 4),
+        "slice_speedup_all_organs": _ratio(statistics.median(eager_slice), statistics.median(fast_slice)),
+        "dice_eager_vs_accelerated": agreement,
+        "min_dice_eager_vs_accelerated": min(agreement.values()) if agreement else None,
+    }
 
 
 def covered_slices(segmenter, shape, boxes) -> list[int]:

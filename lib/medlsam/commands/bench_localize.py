@@ -251,7 +251,7 @@ def _boxes(result) -> dict[str, list]:
     """Each organ's study-voxel box [[i0, j0, k0], [i1, j1, k1]]."""
     out = {}
     for name, organ in _organs(result).items():
-        box = organ["box_voxel"] if isinstance(organ, dict) else organ.box_voxel
+        box = organ["box_voxel"] if isinstance(organ, dict) else organ.box.corners
         out[name] = [[int(v) for v in corner] for corner in box]
     return out
 

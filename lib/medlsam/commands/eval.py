@@ -74,16 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _resolve_organs(label_map: dict[str, int], wanted: list[str] | None) -> dict[str, int]:
-    if not wanted:
-        return dict(label_map)
-    by_id = {str(v): k for k, v in label_map.items()}
-    chosen = {}
-    for item in wanted:
-        name = item if item in label_map else by_id.get(item)
-        if name is None:
-            raise ValueError(f"organ {item!r} is not in the label map ({', '.join(label_map)})")
-        chosen[name] = label_map[name]
-    return chosen
+    from medlsam.labels import LabelMap
+
+    names = LabelMap(label_map).resolve_all(wanted)
+    return dict(label_map) if names is None else {n: label_map[n] for n in names}
 
 
 def _checkpoints(entries: list[str], backbones: list[str]) -> dict[str, Path]:

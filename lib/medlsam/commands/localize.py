@@ -51,20 +51,19 @@ def run(args: argparse.Namespace) -> int:
     several = len(args.images) > 1
     for path in args.images:
         image = load_nifti(path)
-        result = localizer.localize(image, organs=args.organs, mode=args.mode, seed=args.seed, name=path.name)
-        result["image"] = str(path)
+        localization = localizer.localize(image, organs=args.organs, mode=args.mode, seed=args.seed, name=path.name)
         print(f"{path.name}  ({args.mode}{'' if not args.no_mss else ', RDR only'})")
         print(f"  {'organ':22s} {'present':8s} {'conf':>6s}  box_voxel [[i0,j0,k0],[i1,j1,k1]]")
-        for name, organ in result["organs"].items():
-            conf = "-" if organ["confidence"] is None else f"{organ['confidence']:.2f}"
-            flag = "yes" if organ["present"] else "NO"
-            print(f"  {name:22s} {flag:8s} {conf:>6s}  {organ['box_voxel']}"
-                  + (f"  ({organ['absent_reason']})" if not organ["present"] else ""))
+        for name, organ in localization.organs.items():
+            conf = "-" if organ.confidence is None else f"{organ.confidence:.2f}"
+            flag = "yes" if organ.present else "NO"
+            print(f"  {name:22s} {flag:8s} {conf:>6s}  {list(map(list, organ.box.corners))}"
+                  + (f"  ({organ.absent_reason})" if not organ.present else ""))
         if args.out:
             target = args.out / f"{_stem(path)}.boxes.json" if several or args.out.is_dir() else args.out
-            atomic_write_json(target, result)
+            atomic_write_json(target, {**localization.to_json(), "image": str(path)})
         if args.box_label:
             target = args.box_label / f"{_stem(path)}.boxes.nii.gz" if several or args.box_label.is_dir() else args.box_label
-            volume = boxes_to_label_volume(result["organs"], image.shape)
+            volume = boxes_to_label_volume(localization, image.shape)
             save_nifti(nib.Nifti1Image(volume, image.affine), target)
     return 0

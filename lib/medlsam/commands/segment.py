@@ -9,7 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medlsam.errors import InputError
 from medlsam.io import atomic_write_json, load_nifti, save_nifti
+from medlsam.labels import LabelMap
+from medlsam.localization import StudyLocalization
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--organs", nargs="*", default=None, help="organ names or ids to segment (default: all present)")
     add_box_margin_options(p)
     p.add_argument("--whole-box", action="store_true", help="use each organ's whole box even when SPL parts exist")
-    p.add_argument("--window", default="default", choices=["auto", *DEFAULT_WINDOWS],
-                   help="CT window for all organs; 'auto' picks lung/bone windows from organ names")
+    p.add_argument("--window", default="auto", choices=["auto", *DEFAULT_WINDOWS],
+                   help="CT window: 'auto' (as the app) picks lung/bone windows from organ names; "
+                   "a window name uses it for every organ")
     p.add_argument("--largest-component", action="store_true", help="keep each organ's largest 3D component")
     p.add_argument("--no-cache", action="store_true", help="re-encode each slice per organ (reference behaviour)")
     p.add_argument("--no-accelerate", action="store_true", help="eager PyTorch encoder instead of ONNX Runtime")
@@ -42,71 +46,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_boxes(path: Path) -> dict[str, dict]:
-    """The 'organs' mapping of a localize boxes file, checked."""
+def read_localization(path: Path) -> StudyLocalization:
+    """The localization in a boxes file written by `medlsam localize --out`, checked."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"boxes file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"boxes file {path} is not valid JSON: {exc}") from exc
-    organs = raw.get("organs") if isinstance(raw, dict) else None
-    if not isinstance(organs, dict) or not organs:
-        raise ValueError(f"boxes file {path} has no 'organs' object (expected `medlsam localize` output)")
-    for name, entry in organs.items():
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise ValueError(f"boxes file {path}: organ {name!r} needs an 'id'")
-        if entry.get("present", True) and not _valid_box(entry.get("box_voxel")):
-            raise ValueError(f"boxes file {path}: organ {name!r} has no valid box_voxel [[i0,j0,k0],[i1,j1,k1]]")
-    return organs
-
-
-def _valid_box(box) -> bool:
+        raise InputError(f"boxes file {path} is not valid JSON: {exc}") from exc
     try:
-        arr = np.asarray(box, dtype=float)
-    except (TypeError, ValueError):
-        return False
-    return arr.shape == (2, 3) and bool(np.all(np.isfinite(arr)))
+        return StudyLocalization.from_json(raw)
+    except InputError as exc:
+        raise InputError(f"boxes file {path}: {exc}") from exc
 
 
-def select_organ_boxes(organs: dict[str, dict], wanted: list[str] | None, whole_box: bool):
-    """({id: [(lo_ijk, hi_ijk), ...]}, {id: name}) for the present (and wanted) organs."""
-    if wanted:
-        known = {name: name for name in organs} | {str(e["id"]): name for name, e in organs.items()}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise ValueError(f"unknown organ(s) {unknown}; the boxes file has {sorted(organs)}")
-        chosen = {known[w] for w in wanted}
-    else:
-        chosen = set(organs)
-    boxes, names = {}, {}
-    for name, entry in organs.items():
-        if name not in chosen or not entry.get("present", True):
-            continue
-        parts = [p["box_voxel"] for p in entry.get("parts") or [] if _valid_box(p.get("box_voxel"))]
-        chosen_boxes = [entry["box_voxel"]] if whole_box or not parts else parts
-        boxes[int(entry["id"])] = [(tuple(b[0]), tuple(b[1])) for b in chosen_boxes]
-        names[int(entry["id"])] = name
-    return boxes, names
+def select_organs(localization: StudyLocalization, wanted: list[str] | None) -> StudyLocalization:
+    """The organs of `wanted` (names or ids; None: all) of a localization."""
+    if not wanted:
+        return localization
+    label_map = LabelMap({n: o.label_id for n, o in localization.organs.items()}, source="the boxes file")
+    return localization.subset(label_map.resolve_all(wanted))
 
 
 def run(args: argparse.Namespace) -> int:
-    from medlsam.segment import Segmenter, build_backend, window_for_organ_name
+    from medlsam.pipeline import organ_windows, segment_localization
+    from medlsam.segment import Segmenter, build_backend
 
     image = load_nifti(args.image)
-    organs = read_boxes(args.boxes)
-    boxes, names = select_organ_boxes(organs, args.organs, args.whole_box)
-    if not boxes:
-        raise ValueError(f"no present organ to segment in {args.boxes}")
-    if args.window == "auto":
-        windows = {label: window_for_organ_name(name) for label, name in names.items()}
-    else:
-        windows = {label: args.window for label in names}
+    localization = select_organs(read_localization(args.boxes), args.organs)
+    if not localization.present:
+        raise InputError(f"no present organ to segment in {args.boxes}")
+    names = {o.label_id: n for n, o in localization.present.items()}
     backend = build_backend(args.model, checkpoint=args.checkpoint, device=args.device,
                             accelerate=not args.no_accelerate, model_dir=args.model_dir)
     segmenter = Segmenter(backend, box_margin_zyx=args.margin, cache=not args.no_cache,
                           largest_component=args.largest_component, in_plane_margin_mm=args.margin_mm)
-    result = segmenter.segment_nifti(image, boxes, window_for_label=windows)
+    mode = "WPL" if args.whole_box else localization.mode
+    windows = None if args.window == "auto" else {label: args.window for label in organ_windows(localization)}
+    result = segment_localization(image, localization, segmenter, mode=mode, windows=windows)
     save_nifti(nib.Nifti1Image(result.labels.astype(np.uint8), image.affine), args.out)
 
     stats = dict(result.stats)

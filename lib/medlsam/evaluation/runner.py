@@ -24,16 +24,16 @@ from medlsam.evaluation.manual_boxes import (
     DEFAULT_MAX_SHIFT_PX, DEFAULT_SHIFT_REFERENCE_PX, boxes_extent, counted_slices, manual_slice_boxes, organ_rng,
 )
 from medlsam.evaluation.metrics import box_iou_mm, dice, hd95, mask_box
-from medlsam.evaluation.shared_encoder import SharedEncoder
 from medlsam.geometry import AxialView, voxel_spacing
 from medlsam.io import atomic_write_json, load_nifti
-from medlsam.segment import Segmenter, margin_in_voxels, slice_boxes_from_box, window_for_organ_name
+from medlsam.localization import StudyLocalization
+from medlsam.segment import Segmenter, window_for_organ_name
+from medlsam.segment.slice_boxes import keep_slices
 
 log = logging.getLogger(__name__)
 
 LOCALIZATIONS = ("medlam", "manual")
 EVAL_SLICES = ("paper", "box")
-SLICE_CHUNK = 8  # slices segmented per Segmenter call (bounds the shared-embedding cache)
 
 
 @dataclass
@@ -91,68 +91,37 @@ def pair_name(localization: str, backbone: str) -> str:
     return f"{localization}/{backbone}"
 
 
-# -- prompts -----------------------------------------------------------------------------------
-def _merge_slice_boxes(target: dict[int, list], boxes: Mapping[int, tuple]) -> None:
-    for z, box in boxes.items():
-        target.setdefault(int(z), []).append(tuple(int(v) for v in box))
+# -- segmentation: the app's own path for MedLAM boxes, the same Segmenter for manual boxes -----
+def build_segmenter(backend, settings: EvalSettings) -> Segmenter:
+    """The Segmenter an evaluation uses: the app's, with the evaluated margins."""
+    return Segmenter(backend, box_margin_zyx=settings.box_margin_zyx, in_plane_margin_mm=settings.in_plane_margin_mm,
+                     progress=False)
 
 
-def medlam_prompts(located: Mapping[str, dict], view: AxialView, settings: EvalSettings,
-                   counted: Mapping[str, list[int]]) -> dict[str, dict[int, list]]:
-    """Organ -> {z: [2D boxes]} on the axial view from the localizer's (expanded) 3D boxes."""
-    prompts = {}
-    margin = margin_in_voxels(settings.box_margin_zyx, settings.in_plane_margin_mm, view.spacing_zyx)
-    for name, entry in located.items():
-        if not entry["present"]:
-            continue
-        parts = [p["box_voxel"] for p in entry.get("parts") or []] if settings.mode == "SPL" else []
-        per_slice: dict[int, list] = {}
-        for box in parts or [entry["box_voxel"]]:
-            lo, hi = view.box_from_original(*box)
-            _merge_slice_boxes(per_slice, slice_boxes_from_box(lo, hi, view.array.shape, margin))
-        if settings.eval_slices == "paper":
-            keep = set(counted.get(name, ()))
-            per_slice = {z: b for z, b in per_slice.items() if z in keep}
-        prompts[name] = per_slice
+def medlam_prompts(localization: StudyLocalization, view: AxialView, segmenter: Segmenter, settings: EvalSettings,
+                   counted: Mapping[str, list[int]]) -> dict[int, dict[int, list]]:
+    """Label id -> {z: [2D boxes]} from the localizer's 3D boxes, built by the Segmenter as for a user.
+
+    The paper protocol keeps only the slices the ground truth counts."""
+    prompts = segmenter.nifti_prompts(view, localization.prompt_boxes(settings.mode))
+    if settings.eval_slices == "paper":
+        ids = {o.label_id: n for n, o in localization.organs.items()}
+        prompts = keep_slices(prompts, {label: counted.get(ids[label], ()) for label in prompts})
     return prompts
 
 
-# -- segmentation with one encoder pass per slice for all localizations -----------------------
-def segment_prompt_sets(backend, volume_zyx: np.ndarray, prompt_sets: Mapping[str, Mapping[int, Mapping]],
-                        windows: Mapping[int, str], margin_zyx, progress: bool = False) -> tuple[dict, dict]:
-    """Segment several prompt sets ({label: {z: [boxes]}} each) on one volume.
+def segment_prompt_sets(segmenter: Segmenter, volume_zyx: np.ndarray, prompt_sets: Mapping[str, Mapping[int, Mapping]],
+                        windows: Mapping[int, str], progress: bool = False) -> tuple[dict, dict]:
+    """Segment several prompt sets ({label: {z: [boxes]}} each) on one volume; each slice is encoded once.
 
-    Each set gets its own multi-label result (organs overlap-resolved within the set, as the
-    Segmenter does); slices are encoded once for all sets. Returns ({set: labels zyx}, stats).
-    """
-    shared = SharedEncoder(backend, capacity=SLICE_CHUNK * max(1, len(set(windows.values()))))
-    segmenter = Segmenter(shared, box_margin_zyx=margin_zyx, progress=False)
-    labels = {name: np.zeros(volume_zyx.shape, np.uint8) for name in prompt_sets}
-    all_z = sorted({int(z) for prompts in prompt_sets.values() for per in prompts.values() for z in per})
-    enc0, dec0 = backend.encoder_calls, backend.decoder_calls
-    start = time.perf_counter()
-    chunks = [all_z[i:i + SLICE_CHUNK] for i in range(0, len(all_z), SLICE_CHUNK)]
-    bar = tqdm(total=len(all_z), desc="  segment", unit="slice", leave=False, disable=None if progress else True)
-    for chunk in chunks:
-        wanted = set(chunk)
-        for name, prompts in prompt_sets.items():
-            selected = {label: {z: b for z, b in per.items() if z in wanted} for label, per in prompts.items()}
-            selected = {label: per for label, per in selected.items() if per}
-            if not selected:
-                continue
-            result = segmenter.segment_volume(volume_zyx, selected, window_for_label=windows, slices=chunk)
-            labels[name][chunk] = result.labels[chunk]
-        shared.clear()
-        bar.update(len(chunk))
-    bar.close()
-    stats = {
-        "accelerated": bool(getattr(backend, "accelerated", False)),
-        "slices": len(all_z),
-        "encoder_calls": backend.encoder_calls - enc0,
-        "decoder_calls": backend.decoder_calls - dec0,
-        "embeddings_reused": shared.hits,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    Returns ({set: labels zyx}, stats)."""
+    sets = {name: prompts for name, prompts in prompt_sets.items() if prompts}
+    segmenter.progress = progress
+    results = segmenter.segment_prompt_sets(volume_zyx, sets, windows) if sets else {}
+    labels = {name: results[name].labels if name in results else np.zeros(volume_zyx.shape, np.uint8)
+              for name in prompt_sets}
+    stats = dict(next(iter(results.values())).stats) if results else {"slices": 0, "encoder_calls": 0,
+                                                                      "decoder_calls": 0, "seconds": 0.0}
     return labels, stats
 
 
@@ -210,29 +179,29 @@ def _round(value: float | None, digits: int = 4):
     return round(float(value), digits)
 
 
-def _medlam_boxes(image, view: AxialView, study: LabeledStudy, settings: EvalSettings, localizer,
-                  counted: Mapping[str, list[int]]) -> tuple[dict, dict, dict]:
-    """MedLAM prompts, 3D boxes of the organs found, and one status entry per organ."""
+def _localize(image, study: LabeledStudy, settings: EvalSettings, localizer) -> tuple[StudyLocalization, dict, dict]:
+    """The localization, 3D boxes of the organs found, and one status entry per organ."""
     if localizer is None:
         raise ValueError("MedLAM localization requested but no localizer was given")
-    with_templates = [n for n in settings.organs if n in localizer.templates.supports]
-    located = localizer.localize(image, organs=with_templates, mode=settings.mode, seed=settings.seed,
-                                 name=study.study_id)["organs"] if with_templates else {}
+    with_templates = [n for n in settings.organs if n in localizer.organs]
+    localization = (localizer.localize(image, organs=with_templates, mode=settings.mode, seed=settings.seed,
+                                       name=study.study_id)
+                    if with_templates else StudyLocalization(settings.mode, {}))
     boxes, entries = {}, {}
     for name in settings.organs:
-        entry = located.get(name)
-        if entry is None:
+        organ = localization.organs.get(name)
+        if organ is None:
             entries[name] = {"status": "no_template"}
             continue
         entries[name] = {
-            "status": "found" if entry["present"] else "absent",
-            "confidence": entry.get("confidence"),
-            "box_voxel": entry["box_voxel"],
-            "absent_reason": entry.get("absent_reason"),
+            "status": "found" if organ.present else "absent",
+            "confidence": organ.to_json()["confidence"],
+            "box_voxel": [list(organ.box.lo), list(organ.box.hi)],
+            "absent_reason": organ.absent_reason,
         }
-        if entry["present"]:
-            boxes[name] = entry["box_voxel"]
-    return medlam_prompts(located, view, settings, counted), boxes, entries
+        if organ.present:
+            boxes[name] = [list(organ.box.lo), list(organ.box.hi)]
+    return localization, boxes, entries
 
 
 def _manual_boxes(view: AxialView, truth_view: np.ndarray, study: LabeledStudy, settings: EvalSettings,
@@ -243,7 +212,7 @@ def _manual_boxes(view: AxialView, truth_view: np.ndarray, study: LabeledStudy, 
         rng = organ_rng(settings.seed, study.study_id, label_id)
         per_slice = manual_slice_boxes(truth_view == label_id, rng, settings.gt_slice_threshold,
                                        settings.max_shift_px, settings.shift_reference_px)
-        prompts[name] = {z: [b] for z, b in per_slice.items()}
+        prompts[label_id] = {z: [b] for z, b in per_slice.items()}
         extent = boxes_extent(per_slice)
         if extent is not None:
             lo, hi = view.box_to_original(*extent)
@@ -251,14 +220,23 @@ def _manual_boxes(view: AxialView, truth_view: np.ndarray, study: LabeledStudy, 
     return prompts, boxes
 
 
-def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mapping[str, Any],
-                   localizer=None, overlay_dir: Path | None = None, overlay_slices: int = 3,
-                   progress: bool = False) -> dict:
-    """Localize, prompt, segment and score one query study; returns its JSON-ready result."""
-    t_start = time.perf_counter()
+@dataclass
+class _StudyTruth:
+    """A query study with its ground truth on the axial view and what the protocols derive from it."""
+
+    study: LabeledStudy
+    image: Any
+    view: AxialView
+    truth_view: np.ndarray
+    present: dict[str, int]  # organs of the settings that the truth holds
+    counted: dict[str, list[int]]  # the slices the paper protocol prompts and scores, per organ
+    truth_boxes: dict[str, list]  # tight study-voxel box per present organ
+    step: int  # evaluate every step-th slice
+
+
+def _load_truth(study: LabeledStudy, settings: EvalSettings) -> _StudyTruth:
     image, truth_view = _load_pair(study)
     view = AxialView.from_nifti(image)
-    step = slice_step(settings.slice_step_mm, view.spacing_zyx[0])
     counts = np.bincount(truth_view.ravel(), minlength=256)
     present = {n: i for n, i in settings.organs.items() if counts[i] > 0}
     counted = {n: counted_slices(truth_view == i, settings.gt_slice_threshold) for n, i in present.items()}
@@ -266,63 +244,85 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
     for n, i in present.items():
         lo, hi = view.box_to_original(*mask_box(truth_view == i))
         truth_boxes[n] = [lo.tolist(), hi.tolist()]
-    timings = {"load_s": round(time.perf_counter() - t_start, 3)}
+    return _StudyTruth(study, image, view, truth_view, present, counted, truth_boxes,
+                       slice_step(settings.slice_step_mm, view.spacing_zyx[0]))
 
-    organs_out: dict[str, dict] = {
-        n: {"id": i, "in_truth": n in present, "truth_voxels": int(counts[i]),
-            "counted_slices": len(counted.get(n, ())), "localization": {}, "metrics": {}}
-        for n, i in settings.organs.items()
-    }
-    prompt_sets: dict[str, dict[str, dict]] = {}  # localization -> organ -> {z: [2D boxes]}
-    boxes_3d: dict[str, dict[str, list]] = {}  # localization -> organ -> study voxel box
+
+def _organ_entries(truth: _StudyTruth, settings: EvalSettings) -> dict[str, dict]:
+    counts = np.bincount(truth.truth_view.ravel(), minlength=256)
+    return {n: {"id": i, "in_truth": n in truth.present, "truth_voxels": int(counts[i]),
+                "counted_slices": len(truth.counted.get(n, ())), "localization": {}, "metrics": {}}
+            for n, i in settings.organs.items()}
+
+
+def _prompt_sets(truth: _StudyTruth, settings: EvalSettings, localizer, segmenter: Segmenter,
+                 organs_out: dict, timings: dict) -> dict[str, dict[int, dict]]:
+    """Prompts {label id: {z: [2D boxes]}} per localization; fills each organ's localization entry."""
+    prompt_sets, boxes_3d = {}, {}
     if "medlam" in settings.localizations:
         t0 = time.perf_counter()
-        prompt_sets["medlam"], boxes_3d["medlam"], entries = _medlam_boxes(image, view, study, settings, localizer,
-                                                                            counted)
+        localization, boxes_3d["medlam"], entries = _localize(truth.image, truth.study, settings, localizer)
+        prompt_sets["medlam"] = medlam_prompts(localization, truth.view, segmenter, settings, truth.counted)
         timings["localize_s"] = round(time.perf_counter() - t0, 3)
         for name, entry in entries.items():
             organs_out[name]["localization"]["medlam"] = entry
     if "manual" in settings.localizations:
-        prompt_sets["manual"], boxes_3d["manual"] = _manual_boxes(view, truth_view, study, settings, present)
-        for name in present:
+        prompt_sets["manual"], boxes_3d["manual"] = _manual_boxes(truth.view, truth.truth_view, truth.study,
+                                                                  settings, truth.present)
+        for name in truth.present:
             box = boxes_3d["manual"].get(name)
             organs_out[name]["localization"]["manual"] = {"status": "found" if box else "no_slice", "box_voxel": box}
-
     # box IoU in mm against the tight ground-truth box (organs missing from the truth are not scored)
     for loc, boxes in boxes_3d.items():
-        for name in present:
+        for name in truth.present:
             box = boxes.get(name)
-            iou = box_iou_mm(box, truth_boxes[name], image.affine) if box is not None else 0.0
+            iou = box_iou_mm(box, truth.truth_boxes[name], truth.image.affine) if box is not None else 0.0
             organs_out[name]["localization"][loc]["iou"] = _round(iou)
+    # subsampling: only every step-th slice is prompted
+    return {loc: {i: {z: b for z, b in per.items() if z % truth.step == 0} for i, per in prompts.items()}
+            for loc, prompts in prompt_sets.items()}
+
+
+def _score(truth: _StudyTruth, settings: EvalSettings, predictions: dict, organs_out: dict) -> None:
+    for backbone, by_loc in predictions.items():
+        for loc, labels_zyx in by_loc.items():
+            for name, label_id in truth.present.items():
+                scored = truth.counted[name] if settings.eval_slices == "paper" else None
+                organs_out[name]["metrics"][pair_name(loc, backbone)] = score_organ(
+                    labels_zyx == label_id, truth.truth_view == label_id, truth.view.spacing_zyx, scored, truth.step)
+
+
+def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mapping[str, Any],
+                   localizer=None, overlay_dir: Path | None = None, overlay_slices: int = 3,
+                   progress: bool = False) -> dict:
+    """Localize, prompt, segment and score one query study; returns its JSON-ready result."""
+    t_start = time.perf_counter()
+    truth = _load_truth(study, settings)
+    timings = {"load_s": round(time.perf_counter() - t_start, 3)}
+    organs_out = _organ_entries(truth, settings)
+    segmenters = {backbone: build_segmenter(backend, settings) for backbone, backend in backends.items()}
+    # prompts depend on the margins only, which all backbones share
+    prompt_sets = _prompt_sets(truth, settings, localizer, next(iter(segmenters.values())), organs_out, timings)
 
     # segmentation: per backbone, all localizations share the encoder passes
     windows = {settings.organs[n]: window_for_organ_name(n) for n in settings.organs}
-    id_sets = {loc: {settings.organs[n]: {z: b for z, b in per.items() if z % step == 0}
-                     for n, per in prompts.items()} for loc, prompts in prompt_sets.items()}
-    id_sets = {loc: {i: per for i, per in prompts.items() if per} for loc, prompts in id_sets.items()}
     timings["segment_s"], seg_stats, predictions = {}, {}, {}
-    for backbone, backend in backends.items():
-        labels_zyx, stats = segment_prompt_sets(backend, view.array, id_sets, windows, settings.box_margin_zyx,
-                                                progress=progress)
-        timings["segment_s"][backbone] = stats["seconds"]
-        seg_stats[backbone] = stats
-        predictions[backbone] = labels_zyx
+    for backbone, segmenter in segmenters.items():
+        predictions[backbone], seg_stats[backbone] = segment_prompt_sets(segmenter, truth.view.array, prompt_sets,
+                                                                         windows, progress)
+        timings["segment_s"][backbone] = seg_stats[backbone]["seconds"]
 
     t0 = time.perf_counter()
-    for backbone, by_loc in predictions.items():
-        for loc, labels_zyx in by_loc.items():
-            for name, label_id in present.items():
-                scored = counted[name] if settings.eval_slices == "paper" else None
-                organs_out[name]["metrics"][pair_name(loc, backbone)] = score_organ(
-                    labels_zyx == label_id, truth_view == label_id, view.spacing_zyx, scored, step)
+    _score(truth, settings, predictions, organs_out)
     timings["metrics_s"] = round(time.perf_counter() - t0, 3)
 
     if overlay_dir is not None:
         from medlsam.evaluation.plots import study_overlays
 
         t0 = time.perf_counter()
-        shown = {n: [z for z in zs if z % step == 0] for n, zs in counted.items()}
-        study_overlays(Path(overlay_dir) / study.study_id, view, truth_view, present, shown, prompt_sets,
+        shown = {n: [z for z in zs if z % truth.step == 0] for n, zs in truth.counted.items()}
+        by_name = {loc: {n: prompts.get(i, {}) for n, i in settings.organs.items()} for loc, prompts in prompt_sets.items()}
+        study_overlays(Path(overlay_dir) / study.study_id, truth.view, truth.truth_view, truth.present, shown, by_name,
                        predictions, settings, overlay_slices)
         timings["overlays_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -332,9 +332,9 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
         "image": str(study.image),
         "label": str(study.label),
         "settings_key": settings.key(),
-        "shape": list(image.shape),
-        "spacing_mm": [round(float(s), 4) for s in voxel_spacing(image.affine)],
-        "slice_step": step,
+        "shape": list(truth.image.shape),
+        "spacing_mm": [round(float(s), 4) for s in voxel_spacing(truth.image.affine)],
+        "slice_step": truth.step,
         "organs": organs_out,
         "segmentation": seg_stats,
         "timings": timings,

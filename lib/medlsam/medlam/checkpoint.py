@@ -16,13 +16,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from medlsam.errors import ConfigurationError, ModelFileMissing
+from medlsam.state_dicts import read_torch_file, state_dict_from
 from medlsam.io import atomic_write_bytes
 from medlsam.medlam.network import PATCH_MULTIPLE, MedLAMConfig, MedLAMNet
 
 FORMAT = "medlsam-medlam"
 VERSION = 1
-# Keys under which other tools nest a state dict inside a checkpoint dict.
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -64,56 +64,36 @@ def load_medlam(path, device="cpu", config: MedLAMConfig | None = None) -> tuple
 
 
 def read_checkpoint(path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
+    if not Path(path).is_file():
+        raise ModelFileMissing(
             f"MedLAM checkpoint not found: {path} (give the official medlam.pth or a file written "
             "by `medlsam train`)"
         )
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors come in many types
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    return read_torch_file(path, "MedLAM")
 
 
 def split_checkpoint(raw: Any, source: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Return (state dict without `module.` prefixes, stored config or None)."""
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{source}: expected a state dict or a dict holding one, got {type(raw).__name__}")
     stored = None
-    if raw.get("format") == FORMAT:
+    if isinstance(raw, Mapping) and raw.get("format") == FORMAT:
         stored = raw.get("config")
         raw = raw["state_dict"]
-    elif not any(torch.is_tensor(v) for v in raw.values()):
-        nested = [k for k in _NESTED_KEYS if isinstance(raw.get(k), Mapping)]
-        if not nested:
-            raise ValueError(f"{source}: no state dict found (top-level keys: {sorted(raw)[:8]})")
-        raw = raw[nested[0]]
-    state = {}
-    for key, value in raw.items():
-        if not torch.is_tensor(value):
-            continue
-        while key.startswith("module."):
-            key = key[len("module."):]
-        state[key] = value
-    if not state:
-        raise ValueError(f"{source}: the checkpoint holds no tensors")
-    return state, stored
+    return state_dict_from(raw, source), stored
 
 
 def infer_config(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> MedLAMConfig:
     """Configuration implied by tensor shapes (base channels, cubic patch size, classes)."""
     for key in ("conv0_1.model.conv1_1.Conv.weight", "fc1.weight"):
         if key not in state:
-            raise ValueError(f"{source}: missing {key!r}; this is not a MedLAM checkpoint")
+            raise ConfigurationError(f"{source}: missing {key!r}; this is not a MedLAM checkpoint")
     base2 = state["conv0_1.model.conv1_1.Conv.weight"].shape[0]
     if base2 % 2:
-        raise ValueError(f"{source}: conv0_1 has {base2} output channels, expected an even number")
+        raise ConfigurationError(f"{source}: conv0_1 has {base2} output channels, expected an even number")
     base = base2 // 2
     cells, rem = divmod(state["fc1.weight"].shape[1], 16 * base)
     side = round(cells ** (1 / 3)) if cells > 0 else 0
     if rem or side < 1 or side**3 != cells:
-        raise ValueError(
+        raise ConfigurationError(
             f"{source}: fc1.in_features={state['fc1.weight'].shape[1]} does not correspond to a cubic "
             f"patch for base_channels={base}; pass an explicit configuration"
         )
@@ -126,15 +106,15 @@ def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, cfg: Med
     expected = unwrap(net).state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise ValueError(f"{source}: missing parameter {key!r} expected by MedLAM({cfg.describe()})")
+            raise ConfigurationError(f"{source}: missing parameter {key!r} expected by MedLAM({cfg.describe()})")
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(
+            raise ConfigurationError(
                 f"{source}: parameter {key!r} has shape {tuple(state[key].shape)} but MedLAM"
                 f"({cfg.describe()}) expects {tuple(tensor.shape)}"
             )
     extra = [k for k in state if k not in expected]
     if extra:
-        raise ValueError(f"{source}: unexpected parameter {extra[0]!r} for MedLAM({cfg.describe()})")
+        raise ConfigurationError(f"{source}: unexpected parameter {extra[0]!r} for MedLAM({cfg.describe()})")
 
 
 def weights_fingerprint(net: nn.Module) -> str:

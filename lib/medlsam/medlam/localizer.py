@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -9,9 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
+from medlsam.labels import LabelMap
+from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode
 from medlsam.medlam.patches import PatchEmbedder, unique_centres
-from medlsam.medlam.templates import EXTREME_POINTS, OrganTemplate, PointSet, TemplateSet
+from medlsam.medlam.templates import OrganTemplate, PointSet, TemplateSet
 
 
 @dataclass
@@ -204,38 +208,42 @@ def _fraction_inside(lo, hi, shape) -> float:
 
 
 class Localizer:
-    """Localizes organs of a query study from support templates."""
+    """Localizes organs of a query study from MedLAM support templates (RDR + MSS)."""
+
+    name = "medlam"
 
     def __init__(self, embedder: PatchEmbedder, templates: TemplateSet, settings: LocalizerSettings | None = None):
         self.embedder = embedder
         self.templates = templates
         self.settings = settings or LocalizerSettings()
 
+    @property
+    def organs(self) -> list[str]:
+        return self.templates.organs
+
     def _resolve_organs(self, organs) -> list[str]:
+        if not self.templates.organs:
+            raise InputError("no support templates yet: save a final label for at least one study first")
         if not organs:
-            if not self.templates.organs:
-                raise ValueError("no support templates yet: save a final label for at least one study first")
             return self.templates.organs
-        by_id = {v: k for k, v in self.templates.label_ids.items()}
+        label_map = LabelMap(self.templates.label_ids, source="templates")
         names = []
         for organ in organs:
-            key = str(organ)
-            name = by_id.get(int(key)) if key.isdigit() else key
+            try:
+                name = label_map.resolve(organ)
+            except InputError:  # not even an organ the templates know
+                name = None
             if name is None or name not in self.templates.supports:
-                raise ValueError(f"organ {organ!r} has no support template "
-                                 f"(organs with templates: {', '.join(self.templates.organs) or 'none'})")
+                raise InputError(f"organ {organ!r} has no support template "
+                                    f"(organs with templates: {', '.join(self.templates.organs) or 'none'})")
             names.append(name)
         return list(dict.fromkeys(names))
 
     def localize(self, image: nib.Nifti1Image, organs=None, mode: str = "WPL", seed: int = 0,
-                 name: str = "image") -> dict:
-        """Localize `organs` (names or ids; default all with templates) in `image`.
-
-        Returns {"mode", "organs": {name: {...}}} with boxes in the study's voxel indices and world mm.
-        """
-        mode = mode.upper()
-        if mode not in ("WPL", "SPL"):
-            raise ValueError(f"mode must be 'WPL' or 'SPL', got {mode!r}")
+                 name: str = "image") -> StudyLocalization:
+        """Localize `organs` (names or ids; default all with templates) in `image`."""
+        started = time.perf_counter()
+        mode = check_mode(mode)
         names = self._resolve_organs(organs)
         config = self.embedder.net.config
         grid = MedLAMGrid.from_nifti(image, config.spacing_mm, config.patch_size, name=name)
@@ -250,7 +258,6 @@ class Localizer:
         all_points = PointSet.concat([s[2] for s in sets])
         points, similarity = self._locate(grid, all_points.latents.numpy(), all_points, seed)
 
-        result = {"mode": mode, "organs": {}}
         cursor = 0
         organ_points: dict[str, dict] = {n: {"parts": []} for n in names}
         for n, part, _ in sets:
@@ -261,9 +268,9 @@ class Localizer:
                 organ_points[n].update(entry)
             else:
                 organ_points[n]["parts"].append(entry)
-        for n in names:
-            result["organs"][n] = self._organ_result(grid, templates[n], organ_points[n], mode)
-        return result
+        located = {n: self._organ_result(grid, templates[n], organ_points[n], mode) for n in names}
+        return StudyLocalization(mode, located, self.name,
+                                 {"localize_s": round(time.perf_counter() - started, 3)})
 
     def _locate(self, grid: MedLAMGrid, latents: np.ndarray, templates: PointSet, seed: int):
         s = self.settings
@@ -294,54 +301,41 @@ class Localizer:
         offsets_mm = np.asarray(config.rdr_range_mm) * np.tanh(latents - q)
         return centres + offsets_mm / grid.spacing_mm
 
-    def _organ_result(self, grid: MedLAMGrid, template: OrganTemplate, found: dict, mode: str) -> dict:
+    def _organ_result(self, grid: MedLAMGrid, template: OrganTemplate, found: dict, mode: str) -> OrganLocation:
         s = self.settings
         extent_vox = template.extent_mm / grid.spacing_mm
         lo, hi = _box_from_points(found["points"])
         if s.size_prior:
             lo, hi = _apply_size_prior(lo, hi, extent_vox)
-        part_boxes = []
-        for part in found["parts"]:
-            plo, phi = _box_from_points(part["points"])
-            part_boxes.append((plo, phi))
+        part_boxes = [_box_from_points(part["points"]) for part in found["parts"]]
         if mode == "SPL" and part_boxes:
             lo = np.minimum(lo, np.min([b[0] for b in part_boxes], axis=0))
             hi = np.maximum(hi, np.max([b[1] for b in part_boxes], axis=0))
         fraction_inside = _fraction_inside(lo, hi, grid.valid_shape)
-        confidence = float(np.mean(found["similarity"])) if s.mss else float("nan")
+        confidence = float(np.mean(found["similarity"])) if s.mss else None
         reasons = []
         if fraction_inside < s.min_fraction_inside:
             reasons.append(f"only {fraction_inside:.0%} of the box lies inside the scan")
-        if s.mss and confidence < s.presence_threshold:
+        if confidence is not None and confidence < s.presence_threshold:
             reasons.append(f"feature similarity {confidence:.2f} below {s.presence_threshold:.2f}")
-        box_voxel, box_world = self._to_study(grid, lo, hi)
         points_ijk = grid.to_original(found["points"])
-        return {
-            "id": template.label_id,
-            "present": not reasons,
-            "absent_reason": "; ".join(reasons) or None,
-            "confidence": None if np.isnan(confidence) else round(confidence, 4),
-            "fraction_inside": round(fraction_inside, 4),
-            "n_supports": template.n_supports,
-            "box_voxel": box_voxel,
-            "box_world": box_world,
-            "extreme_points_voxel": {k: np.round(p, 2).tolist() for k, p in zip(EXTREME_POINTS, points_ijk)},
-            "extreme_points_world": {
-                k: np.round(p, 2).tolist()
-                for k, p in zip(EXTREME_POINTS, nib.affines.apply_affine(grid.study_affine, points_ijk))
-            },
-            "parts": [dict(zip(("box_voxel", "box_world"), self._to_study(grid, *b))) for b in part_boxes]
-            if mode == "SPL" else [],
-        }
+        return OrganLocation(
+            name=template.name,
+            label_id=template.label_id,
+            box=_study_box(grid, lo, hi),
+            present=not reasons,
+            absent_reason="; ".join(reasons) or None,
+            confidence=confidence,
+            fraction_inside=fraction_inside,
+            n_supports=template.n_supports,
+            parts=[_study_box(grid, *b) for b in part_boxes] if mode == "SPL" else [],
+            extreme_points_voxel=points_ijk,
+            extreme_points_world=nib.affines.apply_affine(grid.study_affine, points_ijk),
+        )
 
-    @staticmethod
-    def _to_study(grid: MedLAMGrid, lo, hi) -> tuple[list, list]:
-        """Grid box -> inclusive study-voxel box (clipped to the image) and world-mm box (unclipped)."""
-        corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
-        ijk = grid.to_original(corners)
-        shape = np.array(grid.study_shape)
-        lo_ijk, hi_ijk = np.floor(ijk.min(0)), np.ceil(ijk.max(0))
-        vlo = np.clip(lo_ijk, 0, shape - 1).astype(int)
-        vhi = np.clip(hi_ijk, 0, shape - 1).astype(int)
-        world = nib.affines.apply_affine(grid.study_affine, np.array(np.meshgrid(*zip(lo_ijk, hi_ijk), indexing="ij")).reshape(3, -1).T)
-        return [vlo.tolist(), vhi.tolist()], [np.round(world.min(0), 2).tolist(), np.round(world.max(0), 2).tolist()]
+
+def _study_box(grid: MedLAMGrid, lo, hi) -> Box:
+    """Grid box -> inclusive study-voxel box (clipped to the image), world extent unclipped."""
+    corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
+    ijk = grid.to_original(corners)
+    return Box.from_voxels(ijk.min(0), ijk.max(0), grid.study_affine, grid.study_shape)

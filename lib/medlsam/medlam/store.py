@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlsam.errors import ModelFileMissing
 from medlsam.io import load_nifti
 from medlsam.medlam.patches import PatchEmbedder
 from medlsam.medlam.templates import TemplateMismatchError, TemplateSet, compute_support
@@ -37,7 +38,7 @@ class EmbedderSource:
     def get(self) -> PatchEmbedder:
         with self._lock:
             if not self.checkpoint.exists():
-                raise FileNotFoundError(
+                raise ModelFileMissing(
                     f"MedLAM checkpoint not found (looked for {', '.join(map(str, self.candidates))}). "
                     "Put the official medlam.pth there, or train one with `medlsam train` / POST /train/medlam"
                 )

@@ -20,20 +20,20 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
 from medlsam.io import atomic_path
+from medlsam.localization import EXTREME_POINTS  # noqa: F401  (their order, used by extreme_points)
 from medlsam.medlam.patches import PatchEmbedder, feature_windows, unique_centres
 
 FORMAT = "medlsam-templates"
 VERSION = 2  # 2: intensity windows
-# Order of the six extreme points everywhere in this package.
-EXTREME_POINTS = ("z_min", "z_max", "y_min", "y_max", "x_min", "x_max")
 DEFAULT_WINDOW_SIZES = (3, 3, 5)  # feature window per level (1/4, 1/2, full resolution)
 MAX_SPL_PARTS = 6
 INTENSITY_WINDOW_MM = 54.0  # intensity patch compared by normalised cross-correlation in the MSS search
 
 
-class TemplateMismatchError(ValueError):
+class TemplateMismatchError(InputError):
     """Templates were computed with other MedLAM weights or settings."""
 
 
@@ -171,7 +171,7 @@ class TemplateSet:
         entries = self.supports.get(name)
         if not entries:
             known = ", ".join(self.organs) or "none"
-            raise ValueError(f"organ {name!r} has no support template (organs with templates: {known})")
+            raise InputError(f"organ {name!r} has no support template (organs with templates: {known})")
         # SPL parts only average between supports that split the organ into the same number of parts.
         n_parts = Counter(len(s.spl) for s in entries).most_common(1)[0][0]
         spl_entries = [s for s in entries if len(s.spl) == n_parts]
@@ -273,17 +273,17 @@ def spl_parts(points_zyx: np.ndarray, spacing_z_mm: float, interval_mm: float) -
 def check_label(label: np.ndarray, image_shape, label_ids: dict[str, int], name: str = "label") -> np.ndarray:
     """Validate a support label against its image and the label map; return the ids it holds."""
     if tuple(label.shape) != tuple(image_shape):
-        raise ValueError(f"{name} has shape {tuple(label.shape)} but its image has shape {tuple(image_shape)}")
+        raise InputError(f"{name} has shape {tuple(label.shape)} but its image has shape {tuple(image_shape)}")
     if not np.issubdtype(label.dtype, np.integer):
         if not np.allclose(label, np.rint(label)):
-            raise ValueError(f"{name} must hold integer label ids")
+            raise InputError(f"{name} must hold integer label ids")
     present = np.unique(label).astype(int)
     present = present[present != 0]
     if present.size == 0:
-        raise ValueError(f"{name} has no foreground: nothing to learn a template from")
+        raise InputError(f"{name} has no foreground: nothing to learn a template from")
     unknown = sorted(set(present.tolist()) - set(label_ids.values()))
     if unknown:
-        raise ValueError(f"{name} contains label ids {unknown} that are not in the label map {label_ids}")
+        raise InputError(f"{name} contains label ids {unknown} that are not in the label map {label_ids}")
     return present
 
 

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from medlsam.errors import InputError
+
 Box2D = tuple[int, int, int, int]
 SliceBoxes = dict[int, list[Box2D]]  # z -> boxes on that slice
 
@@ -31,9 +33,9 @@ def parse_margin_mm(text: str | float | None) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"box margin must be millimetres (e.g. 8) or 'px', got {text!r}") from None
+        raise InputError(f"box margin must be millimetres (e.g. 8) or 'px', got {text!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"box margin must be a finite number of mm >= 0, got {text!r}")
+        raise InputError(f"box margin must be a finite number of mm >= 0, got {text!r}")
     return value
 
 
@@ -47,7 +49,7 @@ def margin_in_voxels(margin_zyx: Sequence[int], in_plane_margin_mm: float | None
     if in_plane_margin_mm is None or spacing_zyx is None:
         return z, y, x
     if in_plane_margin_mm < 0:
-        raise ValueError(f"in-plane box margin must be >= 0 mm, got {in_plane_margin_mm}")
+        raise InputError(f"in-plane box margin must be >= 0 mm, got {in_plane_margin_mm}")
     sy, sx = float(spacing_zyx[1]), float(spacing_zyx[2])
     return z, int(round(in_plane_margin_mm / sy)), int(round(in_plane_margin_mm / sx))
 
@@ -93,7 +95,7 @@ def _is_box3d(value: Any) -> bool:
 
 def _check_label(label: Any) -> int:
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 < int(label) < 256:
-        raise ValueError(f"organ label ids must be integers in 1..255, got {label!r}")
+        raise InputError(f"organ label ids must be integers in 1..255, got {label!r}")
     return int(label)
 
 
@@ -108,10 +110,10 @@ def parse_organ_boxes(organ_boxes: Mapping[int, Any], shape_zyx: Sequence[int],
     Boxes wholly outside the volume or with hi < lo contribute nothing (no error).
     """
     if not isinstance(organ_boxes, Mapping):
-        raise ValueError("organ boxes must be a dict {label id: boxes}")
+        raise InputError("organ boxes must be a dict {label id: boxes}")
     shape = tuple(int(n) for n in shape_zyx)
     if len(shape) != 3:
-        raise ValueError(f"expected a (z, y, x) shape, got {shape}")
+        raise InputError(f"expected a (z, y, x) shape, got {shape}")
     out: dict[int, SliceBoxes] = {}
     for raw_label, value in organ_boxes.items():
         label = _check_label(raw_label)
@@ -123,7 +125,7 @@ def parse_organ_boxes(organ_boxes: Mapping[int, Any], shape_zyx: Sequence[int],
                     boxes = [boxes]
                 for box in boxes:
                     if not _is_point(box, 4):
-                        raise ValueError(f"label {label}, slice {z}: a 2D box is (y0, x0, y1, x1), got {box!r}")
+                        raise InputError(f"label {label}, slice {z}: a 2D box is (y0, x0, y1, x1), got {box!r}")
                     if not 0 <= z < shape[0]:
                         continue
                     y0, x0, y1, x1 = (int(round(float(v))) for v in box)
@@ -134,7 +136,7 @@ def parse_organ_boxes(organ_boxes: Mapping[int, Any], shape_zyx: Sequence[int],
         else:
             boxes = [value] if _is_box3d(value) else value
             if not isinstance(boxes, (Sequence, np.ndarray)) or not all(_is_box3d(b) for b in boxes):
-                raise ValueError(
+                raise InputError(
                     f"label {label}: expected a 3D box (lo_zyx, hi_zyx), a list of them, "
                     f"or {{z: (y0, x0, y1, x1)}}; got {value!r}"
                 )
@@ -145,6 +147,17 @@ def parse_organ_boxes(organ_boxes: Mapping[int, Any], shape_zyx: Sequence[int],
                     per_slice.setdefault(z, []).append(box)
         if per_slice:
             out[label] = dict(sorted(per_slice.items()))
+    return out
+
+
+def keep_slices(prompts: Mapping[int, SliceBoxes], slices_for_label: Mapping[int, Any]) -> dict[int, SliceBoxes]:
+    """Only the slices listed for each label (a label without an entry keeps none); empty labels dropped."""
+    out = {}
+    for label, per_slice in prompts.items():
+        keep = {int(z) for z in slices_for_label.get(label, ())}
+        kept = {z: boxes for z, boxes in per_slice.items() if z in keep}
+        if kept:
+            out[label] = kept
     return out
 
 

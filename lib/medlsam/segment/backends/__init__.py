@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from medlsam.errors import ConfigurationError
 from .base import Embedding, SamFamilyBackend
 from .checkpoints import CHECKPOINT_FILES, default_model_dir
 from .litemedsam import LiteMedSAMBackend
@@ -57,13 +58,13 @@ def build_backend(name: str = "litemedsam", checkpoint: str | os.PathLike | None
     on CPU (exported once into `cache_dir`), falling back to eager with a warning.
     """
     if name not in BACKENDS:
-        raise ValueError(f"unknown segmentation backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigurationError(f"unknown segmentation backend {name!r}; choose one of {', '.join(BACKENDS)}")
     try:
         torch_device = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"invalid device {device!r}: {exc}") from None
+        raise ConfigurationError(f"invalid device {device!r}: {exc}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        raise ConfigurationError("device 'cuda' requested but no CUDA GPU is available")
     if name == "litemedsam":
         backend = LiteMedSAMBackend.from_checkpoint(checkpoint, device=torch_device)
     else:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-MODEL_DIR_ENV = "MEDLSAM_MODEL_DIR"
+from medlsam.errors import ConfigurationError, ModelFileMissing
+from medlsam.paths import MODEL_DIR_ENV, model_dir
+from medlsam.state_dicts import read_torch_file, state_dict_from
 
 # backend name -> (file name, where a user gets it). Nothing is downloaded by this code.
 CHECKPOINT_FILES: dict[str, tuple[str, str]] = {
@@ -23,13 +25,8 @@ CHECKPOINT_FILES: dict[str, tuple[str, str]] = {
 
 
 def default_model_dir() -> Path:
-    """$MEDLSAM_MODEL_DIR, else the app's model folder apps/medlsam/model/ of this checkout."""
-    env = os.environ.get(MODEL_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    from medlsam.paths import REPO_ROOT
-
-    return REPO_ROOT / "apps" / "medlsam" / "model"
+    """The model folder (see `medlsam.paths.model_dir`)."""
+    return model_dir()
 
 
 def resolve_checkpoint(backend: str, checkpoint: str | os.PathLike | None,
@@ -43,7 +40,7 @@ def resolve_checkpoint(backend: str, checkpoint: str | os.PathLike | None,
     else:
         path = Path(model_dir).expanduser() / file_name if model_dir else default_model_dir() / file_name
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ModelFileMissing(
             f"{backend} checkpoint not found: expected {path}. Download {file_name} from {source} "
             f"and put it there (or pass checkpoint=<file>, or set ${MODEL_DIR_ENV} to its folder)."
         )
@@ -51,20 +48,8 @@ def resolve_checkpoint(backend: str, checkpoint: str | os.PathLike | None,
 
 
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Load a state dict (plain, or under 'model' / 'state_dict') onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for non-checkpoint files
-        raise ValueError(f"{what} checkpoint {path} is not a readable PyTorch checkpoint: {exc}") from exc
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what} checkpoint {path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """Load a state dict (plain or nested) onto the CPU."""
+    return state_dict_from(read_torch_file(path, what), f"{what} checkpoint {path}")
 
 
 def load_state_dict(model: torch.nn.Module, path: str | os.PathLike, what: str) -> None:
@@ -75,7 +60,7 @@ def load_state_dict(model: torch.nn.Module, path: str | os.PathLike, what: str) 
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong_shape:
-        raise ValueError(
+        raise ConfigurationError(
             f"{path} is not a {what} checkpoint: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, "
             f"{len(wrong_shape)} shape mismatches {wrong_shape[:3]}"

