@@ -1,8 +1,8 @@
 """`medlsam bench-localize`: MedLAM template building and localization, seconds and peak memory.
 
 For each MedLAM layout (the committed demo weights; an official-layout state dict, random unless
-given) four phases run, each in a fresh Python process so that its peak resident memory
-(`ru_maxrss`) is its own: loading the weights, building templates from the supports, localizing
+given) four phases run, each in a fresh Python process so that its peak resident memory (VmHWM)
+is its own: loading the weights, building templates from the supports, localizing
 every templated organ of the query with WPL, and with SPL.
 """
 
@@ -179,6 +179,16 @@ def _summary(r: dict) -> str:
 
 # --- the worker: one phase, measured from inside -------------------------------------------------
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own address space
+    (ru_maxrss would also count the parent's memory at fork time, which survives exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(rss / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
