@@ -31,7 +31,7 @@ from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import LABEL_MAP, generate_study
 
 SMALL = MedLAMConfig(base_channels=4, patch_size=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0))
-ORGANS = ["liver", "spleen", "aorta"]
+ORGANS = ["liver", "kidney_left"]  # liver: several SPL parts
 
 
 # --- the computation before streaming, kept as the reference --------------------------------------
@@ -102,13 +102,19 @@ def _with_fingerprint(embedder):
     return embedder
 
 
+class _Embedders(dict):
+    """The random network at once, the demo weights when a test first asks for them."""
+
+    def __missing__(self, key):
+        assert key == "demo" and DEMO_MEDLAM.exists(), f"demo MedLAM checkpoint missing: {DEMO_MEDLAM}"
+        self[key] = PatchEmbedder.from_checkpoint(DEMO_MEDLAM)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def embedders():
     torch.manual_seed(0)
-    out = {"random": _with_fingerprint(PatchEmbedder(MedLAMNet(SMALL), batch_size=4))}
-    assert DEMO_MEDLAM.exists(), f"demo MedLAM checkpoint missing: {DEMO_MEDLAM}"
-    out["demo"] = PatchEmbedder.from_checkpoint(DEMO_MEDLAM)
-    return out
+    return _Embedders(random=_with_fingerprint(PatchEmbedder(MedLAMNet(SMALL), batch_size=4)))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +132,10 @@ def test_feature_windows_repeat_the_border_like_replicate_padding():
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["random", "demo"])
+KINDS = ["random", pytest.param("demo", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_streamed_templates_equal_full_feature_maps(embedders, studies, kind):
     embedder = embedders[kind]
     study = studies[0]
@@ -148,12 +157,12 @@ def test_streamed_templates_equal_full_feature_maps(embedders, studies, kind):
         assert torch.allclose(got.intensity, want.intensity, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["random", "demo"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_streamed_mss_equals_full_maps(embedders, studies, kind):
     embedder = embedders[kind]
     support, query = studies
     contributions = compute_support(embedder, support.image, support.label, LABEL_MAP, "s", organs=ORGANS)
-    templates = PointSet.concat([p for c in contributions.values() for p in (c.wpl, *c.spl)])
+    templates = PointSet.concat([p for c in contributions.values() for p in (c.wpl, *c.spl)]).subset(slice(0, 14))
     config = embedder.net.config
     grid = MedLAMGrid.from_nifti(query.image, config.spacing_mm, config.patch_size)
     rng = np.random.default_rng(0)
