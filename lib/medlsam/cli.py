@@ -6,9 +6,9 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module under medlsam.commands; each module defines
+# subcommand -> module under medlsam.commands (dashes become underscores); each module defines
 # add_parser(subparsers) which registers the parser and sets `func`.
-SUBCOMMANDS = ("generate", "localize", "segment", "eval", "bench", "train", "templates", "run")
+SUBCOMMANDS = ("generate", "localize", "segment", "eval", "bench", "bench-localize", "train", "templates", "run")
 
 
 class UserError(Exception):
@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"medlsam.commands.{name}")
+            module = importlib.import_module(f"medlsam.commands.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"medlsam.commands.{name}":
+            if exc.name != f"medlsam.commands.{name.replace('-', '_')}":
                 raise
             continue  # not implemented yet
         module.add_parser(sub)

@@ -38,7 +38,8 @@ class MedLSAMContext:
         # what clients get: values 1..N in label-id order (3D Slicer maps result values 1..N to the
         # names sorted by value; OHIF maps them through the models' /info labels)
         self.client_labels = self.label_map.consecutive()
-        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device)
+        self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device, settings.medlam_batch_size,
+                                        settings.medlam_precision)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()

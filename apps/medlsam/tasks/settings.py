@@ -12,6 +12,7 @@ from pathlib import Path
 
 from medlsam.errors import ConfigurationError
 from medlsam.labels import LabelMap
+from medlsam.medlam.patches import PRECISIONS
 from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
 from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
 
@@ -36,6 +37,8 @@ class AppSettings:
     box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
     trained_dir: Path | None = None  # where the trainer task publishes weight versions
     template_wait_s: float = 30.0  # longest a request waits for a template update before HTTP 409
+    medlam_batch_size: int | None = None  # MedLAM patches per forward pass; None: by device and network size
+    medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -58,6 +61,17 @@ class AppSettings:
         max_supports = int(conf.get("max_supports", 5))
         if max_supports < 1:
             raise ValueError(f"--conf max_supports must be >= 1, got {max_supports}")
+        batch_size = conf.get("medlam_batch_size")
+        if batch_size is not None:
+            try:
+                batch_size = int(batch_size)
+            except ValueError:
+                batch_size = 0
+            if batch_size < 1:
+                raise ValueError(f"--conf medlam_batch_size must be a positive integer, got {conf['medlam_batch_size']!r}")
+        precision = conf.get("medlam_precision", "auto").lower()
+        if precision not in PRECISIONS:
+            raise ValueError(f"--conf medlam_precision must be one of {', '.join(PRECISIONS)}, got {precision}")
         mode = conf.get("mode", "WPL").upper()
         if mode not in ("WPL", "SPL"):
             raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
@@ -77,8 +91,9 @@ class AppSettings:
             box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
             trained_dir=trained_dir,
             template_wait_s=template_wait_s,
+            medlam_batch_size=batch_size,
+            medlam_precision=precision,
         )
-
 
     def read_label_map(self) -> LabelMap:
         """The label map from `--conf label_map <json file>`, `--conf labels ...`, or label_map.json

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from medlsam.batch.sources import datastore_supports
 from medlsam.io import load_label_map, load_nifti
-from medlsam.medlam.patches import PatchEmbedder
+from medlsam.medlam.patches import PRECISIONS, PatchEmbedder
 from medlsam.medlam.templates import TemplateSet, compute_support
 from medlsam.paths import default_medlam_checkpoint
 
@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-supports", type=int, default=5, help="supports kept per organ (default 5)")
     p.add_argument("--out", type=Path, required=True, help="template file to write")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="MedLAM patches per forward pass (default: a few on a CPU, more on a GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: fp16 autocast on CUDA, exact fp32 on a CPU; bf16: faster on CPUs with AMX")
     p.set_defaults(func=run)
 
 
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError("no supports given: use --support IMAGE LABEL or --datastore FOLDER")
     label_ids = load_label_map(args.label_map)
-    embedder = PatchEmbedder.from_checkpoint(args.medlam or default_medlam_checkpoint(), args.device)
+    embedder = PatchEmbedder.from_checkpoint(args.medlam or default_medlam_checkpoint(), args.device,
+                                             batch_size=args.batch_size, precision=args.precision)
     templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict(), max_supports=args.max_supports)
     for image_path, label_path in tqdm(pairs, desc="supports", unit="study"):
         image = load_nifti(image_path)

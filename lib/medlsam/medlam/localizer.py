@@ -14,7 +14,7 @@ from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
 from medlsam.labels import LabelMap
 from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode
-from medlsam.medlam.patches import PatchEmbedder, extract_patches
+from medlsam.medlam.patches import PatchEmbedder, unique_centres
 from medlsam.medlam.templates import OrganTemplate, PointSet, TemplateSet
 
 
@@ -41,26 +41,115 @@ def _rdr_estimate(embedder: PatchEmbedder, grid: MedLAMGrid, centres: np.ndarray
     c + r * tanh(p_s - p_q) / spacing for every point; estimates are averaged over patches.
     """
     config = embedder.net.config
-    q = embedder(extract_patches(grid.array, centres, config.patch_size), features=False).latent  # [K, 3]
+    q = embedder.latents(grid.array, centres)  # [K, 3]
     offsets_mm = np.asarray(config.rdr_range_mm) * np.tanh(support_latents[:, None, :] - q[None, :, :])
     estimates = centres[None, :, :] + offsets_mm / grid.spacing_mm  # [P, K, 3]
     return estimates.mean(axis=1)
 
 
-def _ncc_maps(patches: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
-    """Normalised cross-correlation of each patch [P, 1, D, H, W] with its own zero-mean, unit-norm
-    template [P, 1, n, n, n]; 'same'-size maps [P, D, H, W] in [-1, 1]."""
+def _ncc_valid(region: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation of each region [P, 1, D, H, W] with its own zero-mean,
+    unit-norm template [P, 1, n, n, n] at every position where the template fits entirely
+    ('valid' maps [P, D - n + 1, H - n + 1, W - n + 1], in [-1, 1])."""
     n = templates.shape[-1]
     count = float(n**3)
-    p = len(patches)
-    flat = patches.reshape(1, p, *patches.shape[2:])
-    numerator = F.conv3d(flat, templates, padding=n // 2, groups=p)[0]
-    box = torch.ones((p, 1, n, n, n))
-    mean = F.conv3d(flat, box, padding=n // 2, groups=p)[0] / count
-    mean_sq = F.conv3d(flat**2, box, padding=n // 2, groups=p)[0] / count
+    p = len(region)
+    flat = region.reshape(1, p, *region.shape[2:])
+    numerator = F.conv3d(flat, templates.to(region.dtype), groups=p)[0]
+    mean = _box_sums(region[:, 0], n) / count
+    mean_sq = _box_sums(region[:, 0] ** 2, n) / count
     norm = torch.sqrt((mean_sq - mean**2).clamp_min(0.0) * count)
     # flat (e.g. all-air) regions match nothing
     return torch.where(norm > 1e-3, numerator / norm.clamp_min(1e-3), torch.zeros_like(numerator))
+
+
+def _box_sums(volumes: torch.Tensor, n: int) -> torch.Tensor:
+    """Sums over every n^3 box that fits inside each volume [P, D, H, W] (summed-area table in
+    float64, so differences of large partial sums stay exact to float32 precision)."""
+    table = volumes.double()
+    for axis in (1, 2, 3):
+        table = F.pad(table.cumsum(axis), [0, 0] * (3 - axis) + [1, 0])
+    d, h, w = (s - n + 1 for s in volumes.shape[1:])
+    out = torch.zeros((len(volumes), d, h, w), dtype=torch.float64, device=volumes.device)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                sign = (-1) ** (3 - dz - dy - dx)
+                out += sign * table[:, dz * n:dz * n + d, dy * n:dy * n + h, dx * n:dx * n + w]
+    return out.to(volumes.dtype)
+
+
+def _ncc_maps(patches: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation of each patch [P, 1, D, H, W] with its own zero-mean, unit-norm
+    template [P, 1, n, n, n]; 'same'-size maps [P, D, H, W] in [-1, 1] (zero padding outside)."""
+    n = templates.shape[-1]
+    return _ncc_valid(F.pad(patches, [n // 2, n - 1 - n // 2] * 3), templates)
+
+
+def _crop_padded(volumes: torch.Tensor, lo, hi) -> torch.Tensor:
+    """volumes[..., lo:hi] over the last three axes, zero outside the volume (lo may be < 0)."""
+    shape = volumes.shape[-3:]
+    src_lo = [max(0, int(a)) for a in lo]
+    src_hi = [min(s, int(b)) for s, b in zip(shape, hi)]
+    crop = volumes[..., src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+    pad = []
+    for axis in (2, 1, 0):
+        pad += [src_lo[axis] - int(lo[axis]), int(hi[axis]) - src_hi[axis]]
+    return F.pad(crop, pad) if any(pad) else crop
+
+
+@dataclass(frozen=True)
+class _SearchBox:
+    """The voxels of a patch MSS may move a point to: [lo, hi) around the patch centre."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def around_centre(cls, patch: np.ndarray, search_fraction: float) -> "_SearchBox":
+        radius = np.maximum(1, (patch * search_fraction).astype(int))
+        half = patch // 2
+        return cls(np.maximum(half - radius, 0), np.minimum(half + radius + 1, patch))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.hi - self.lo)
+
+    def crop(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps[..., self.lo[0]:self.hi[0], self.lo[1]:self.hi[1], self.lo[2]:self.hi[2]]
+
+
+def _mss_scores(features: list[torch.Tensor], patches: torch.Tensor, windows: list[torch.Tensor],
+                intensity: torch.Tensor, box: _SearchBox, patch_size, intensity_weight: float) -> torch.Tensor:
+    """MSS score of every search-box voxel for one batch: [P, *box.shape].
+
+    features: per level [P, C, ...] of each point's query patch; windows: per level [P, C, w, w, w]
+    templates; patches [P, 1, D, H, W]; intensity [P, 1, n, n, n]. Per level the cosine
+    similarity (grouped conv: each point against its own window) is upsampled to the patch; only
+    the search box is kept, and the full-resolution level and the intensity NCC are computed
+    there only.
+    """
+    patch = tuple(int(v) for v in patch_size)
+    p = len(patches)
+    total = torch.zeros((p, *box.shape), device=patches.device)
+    for level, (feats, kernels) in enumerate(zip(features, windows)):
+        w = kernels.shape[-1]
+        if tuple(feats.shape[2:]) == patch:
+            # full resolution: only the box, from the feature map padded like conv3d's padding=w//2
+            region = _crop_padded(feats, box.lo - w // 2, box.hi + w - 1 - w // 2)
+            sim = F.conv3d(region.reshape(1, -1, *region.shape[2:]), kernels, groups=p)[0]
+            total += sim / float(w**3)
+            continue
+        sim = F.conv3d(feats.reshape(1, -1, *feats.shape[2:]), kernels, padding=w // 2, groups=p)
+        sim = sim[0] / float(w**3)
+        total += box.crop(F.interpolate(sim[:, None], size=patch, mode="trilinear", align_corners=False)[:, 0])
+    weights = float(len(features))
+    if intensity_weight > 0:
+        n = intensity.shape[-1]
+        region = _crop_padded(patches, box.lo - n // 2, box.hi + n - 1 - n // 2)
+        total += intensity_weight * _ncc_valid(region, intensity)
+        weights += intensity_weight
+    return total / weights
 
 
 def _mss_refine(embedder: PatchEmbedder, grid: MedLAMGrid, points: np.ndarray, templates: PointSet,
@@ -69,34 +158,31 @@ def _mss_refine(embedder: PatchEmbedder, grid: MedLAMGrid, points: np.ndarray, t
 
     The score averages the feature similarity of each decoder level (cosine, over the template
     window) and, with `intensity_weight`, the normalised cross-correlation of the image itself.
+    Patches are streamed in batches (points rounding to the same centre share one), so memory
+    does not grow with the number of points.
     """
     patch = np.asarray(embedder.patch_size)
     centres = np.rint(points)
-    patches = extract_patches(grid.array, centres, patch)
-    embedding = embedder(patches, features=True)
-    total = torch.zeros((len(points), *patch))
-    for level, feats in enumerate(embedding.features):
-        kernels = templates.windows[level]  # [P, C, w, w, w]
-        w = kernels.shape[-1]
-        # grouped conv: each point's query map against its own template window
-        sim = F.conv3d(feats.reshape(1, -1, *feats.shape[2:]), kernels, padding=w // 2, groups=len(points))
-        sim = sim[0] / float(w**3)
-        total += F.interpolate(sim[:, None], size=tuple(patch), mode="trilinear", align_corners=False)[:, 0]
-    weights = float(len(embedding.features))
-    if intensity_weight > 0:
-        total += intensity_weight * _ncc_maps(torch.from_numpy(patches)[:, None], templates.intensity)
-        weights += intensity_weight
-    total /= weights
-    # restrict the search to a box around the coarse point
-    radius = np.maximum(1, (patch * search_fraction).astype(int))
-    half = patch // 2
-    mask = torch.full(tuple(patch), float("-inf"))
-    mask[half[0] - radius[0]:half[0] + radius[0] + 1, half[1] - radius[1]:half[1] + radius[1] + 1,
-         half[2] - radius[2]:half[2] + radius[2] + 1] = 0.0
-    scores = (total + mask).reshape(len(points), -1)
-    peak, index = scores.max(dim=1)
-    offsets = np.stack(np.unravel_index(index.numpy(), tuple(patch)), axis=1) - half
-    return centres + offsets, peak.numpy()
+    box = _SearchBox.around_centre(patch, search_fraction)
+    device = embedder.device
+    unique, inverse = unique_centres(centres)
+    windows = [w.to(device) for w in templates.windows]
+    intensity = templates.intensity.to(device)
+    index = np.zeros(len(points), dtype=np.int64)
+    peak = np.zeros(len(points), dtype=np.float32)
+    for batch in embedder.batches(grid.array, unique, features=True):
+        members = np.flatnonzero((inverse >= batch.rows.start) & (inverse < batch.rows.stop))
+        local = torch.from_numpy(inverse[members] - batch.rows.start).to(device)
+        rows = torch.from_numpy(members).to(device)
+        patches = batch.patches[:, None]
+        scores = _mss_scores([f.index_select(0, local) for f in batch.features], patches.index_select(0, local),
+                             [w.index_select(0, rows) for w in windows], intensity.index_select(0, rows),
+                             box, patch, intensity_weight)
+        best, where = scores.reshape(len(members), -1).max(dim=1)
+        index[members] = where.cpu().numpy()
+        peak[members] = best.cpu().numpy()
+    offsets = np.stack(np.unravel_index(index, box.shape), axis=1) + box.lo - patch // 2
+    return centres + offsets, peak
 
 
 def _box_from_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +297,7 @@ class Localizer:
 
     def _rdr_per_point(self, grid: MedLAMGrid, centres: np.ndarray, latents: np.ndarray) -> np.ndarray:
         config = self.embedder.net.config
-        q = self.embedder(extract_patches(grid.array, centres, config.patch_size), features=False).latent
+        q = self.embedder.latents(grid.array, centres)
         offsets_mm = np.asarray(config.rdr_range_mm) * np.tanh(latents - q)
         return centres + offsets_mm / grid.spacing_mm
 

@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 class EmbedderSource:
     """Loads MedLAM weights lazily and reloads them when the checkpoint file changes (e.g. training)."""
 
-    def __init__(self, checkpoints: str | Path | list, device: str = "cpu"):
+    def __init__(self, checkpoints: str | Path | list, device: str = "cpu", batch_size: int | None = None,
+                 precision: str = "auto"):
         # the first existing file wins, e.g. [freshly trained, official, demo]
         self.candidates = [Path(p) for p in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
         self.device = device
+        self.batch_size = batch_size  # patches per forward pass; None: by device and network size
+        self.precision = precision  # see medlsam.medlam.patches.PRECISIONS
         self._embedder: PatchEmbedder | None = None
         self._stamp: tuple | None = None
         self._lock = threading.Lock()
@@ -43,7 +46,8 @@ class EmbedderSource:
             stat = path.stat()
             stamp = (str(path), stat.st_mtime_ns, stat.st_size)
             if self._embedder is None or stamp != self._stamp:
-                self._embedder = PatchEmbedder.from_checkpoint(path, self.device)
+                self._embedder = PatchEmbedder.from_checkpoint(path, self.device, batch_size=self.batch_size,
+                                                              precision=self.precision)
                 self._stamp = stamp
                 logger.info("MedLAM weights loaded from %s (%s)", path, self._embedder.fingerprint[:12])
             return self._embedder

@@ -18,12 +18,13 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
 from medlsam.io import atomic_path
 from medlsam.localization import EXTREME_POINTS  # noqa: F401  (their order, used by extreme_points)
-from medlsam.medlam.patches import PatchEmbedder, extract_patches, feature_windows
+from medlsam.medlam.patches import PatchEmbedder, feature_windows, unique_centres
 
 FORMAT = "medlsam-templates"
 VERSION = 2  # 2: intensity windows
@@ -286,6 +287,48 @@ def check_label(label: np.ndarray, image_shape, label_ids: dict[str, int], name:
     return present
 
 
+def organ_voxels(label: np.ndarray, ids: list[int]) -> dict[int, np.ndarray]:
+    """Voxel indices [N, 3] (float64) of each label id, searched only inside its bounding box."""
+    if not ids:
+        return {}
+    if not np.issubdtype(label.dtype, np.integer):
+        label = np.rint(label).astype(np.int64)
+    boxes = ndimage.find_objects(label, max_label=max(ids))
+    out = {}
+    for i in ids:
+        box = boxes[i - 1]
+        offset = [s.start for s in box]
+        out[i] = (np.argwhere(label[box] == i) + offset).astype(np.float64)
+    return out
+
+
+def embed_points(embedder: PatchEmbedder, array: np.ndarray, points_zyx: np.ndarray, window_sizes
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Latents [N, 3], feature windows (per level [N, C, w, w, w]) and normalised intensity windows
+    [N, 1, n, n, n] of the patches centred on `points_zyx`.
+
+    Streams the patches batch by batch and keeps only the windows, so memory does not grow with
+    the number of points beyond the windows themselves; points sharing a patch centre share a pass.
+    """
+    config = embedder.net.config
+    centres, inverse = unique_centres(points_zyx)
+    n = intensity_window_size(config.spacing_mm)
+    lo = np.asarray(config.patch_size) // 2 - n // 2
+    latents = torch.zeros((len(centres), 3))
+    windows: list[torch.Tensor] | None = None
+    intensity = torch.zeros((len(centres), 1, n, n, n))
+    for batch in embedder.batches(array, centres, features=True):
+        cut = [w.cpu() for w in feature_windows(batch.features, window_sizes, config.patch_size)]
+        if windows is None:
+            windows = [torch.zeros((len(centres), *w.shape[1:])) for w in cut]
+        for level, w in enumerate(cut):
+            windows[level][batch.rows] = w
+        latents[batch.rows] = batch.latent.cpu()
+        intensity[batch.rows, 0] = batch.patches[:, lo[0]:lo[0] + n, lo[1]:lo[1] + n, lo[2]:lo[2] + n].cpu()
+    index = torch.from_numpy(inverse)
+    return latents[index], [w[index] for w in windows], normalize_intensity(intensity[index])
+
+
 def compute_support(
     embedder: PatchEmbedder,
     image: nib.Nifti1Image,
@@ -305,21 +348,14 @@ def compute_support(
     wanted = [by_id[i] for i in present if organs is None or by_id[i] in organs]
 
     point_groups: list[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]] = []
+    voxels = organ_voxels(label_array, [label_ids[n] for n in wanted])
     for name in wanted:
-        voxels = np.argwhere(label_array == label_ids[name]).astype(np.float64)
-        pts = grid.from_original(voxels)
+        pts = grid.from_original(voxels[label_ids[name]])
         extent = (pts.max(0) - pts.min(0)) * grid.spacing_mm + grid.spacing_mm * np.minimum(grid.scale, 1.0)
         point_groups.append((name, extreme_points(pts), extent, spl_parts(pts, grid.spacing_mm[0], spl_interval_mm)))
 
     all_points = np.concatenate([np.concatenate([g[1], *g[3]]) for g in point_groups])
-    patches = extract_patches(grid.array, all_points, config.patch_size)
-    embedding = embedder(patches, features=True)
-    windows = feature_windows(embedding.features, window_sizes, config.patch_size)
-    latents = torch.from_numpy(embedding.latent)
-    n = intensity_window_size(config.spacing_mm)
-    lo = np.asarray(config.patch_size) // 2 - n // 2
-    intensity = normalize_intensity(torch.from_numpy(
-        patches[:, None, lo[0]:lo[0] + n, lo[1]:lo[1] + n, lo[2]:lo[2] + n].copy()))
+    latents, windows, intensity = embed_points(embedder, grid.array, all_points, window_sizes)
 
     out, start = {}, 0
 
