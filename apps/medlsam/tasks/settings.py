@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medlsam.labels import LabelMap
 from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
-from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
+from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, PropagationSettings, check_prompting, parse_margin_mm
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
@@ -31,6 +31,8 @@ class AppSettings:
     largest_component: bool
     template_store: Path
     box_margin_mm: float | None = DEFAULT_IN_PLANE_MARGIN_MM  # in-plane MedLAM box margin; None: 10 pixels
+    prompting: str = "propagate"  # per-slice prompts follow the organ; "box": the 3D box on every slice
+    propagation: PropagationSettings = PropagationSettings()
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -66,6 +68,8 @@ class AppSettings:
             largest_component=conf.get("largest_component", "false").lower() in TRUE,
             template_store=Path(conf.get("template_store") or default_template_store(model_dir, studies)),
             box_margin_mm=parse_margin_mm(conf.get("box_margin_mm", DEFAULT_IN_PLANE_MARGIN_MM)),
+            prompting=check_prompting(conf.get("prompting", "propagate")),
+            propagation=PropagationSettings(step_mm=_float(conf, "step_mm", PropagationSettings().step_mm)),
         )
 
 
@@ -77,6 +81,13 @@ class AppSettings:
 
         logger.warning("no label map found (--conf label_map <json>); using the sample generator's organs")
         return LabelMap(LABEL_MAP, source="the sample generator's organs")
+
+
+def _float(conf: dict[str, str], key: str, default: float) -> float:
+    try:
+        return float(conf.get(key, default))
+    except ValueError:
+        raise ValueError(f"--conf {key} must be a number, got {conf[key]!r}") from None
 
 
 def default_template_store(model_dir: Path, studies: str) -> Path:
