@@ -247,11 +247,14 @@ class BoxFiller:
         return np.asarray(image_255).shape
 
     def decode(self, shape, boxes_xyxy, points_xy=None, point_labels=None):
+        return self.decode_scored(shape, boxes_xyxy)[0]
+
+    def decode_scored(self, shape, boxes_xyxy, points_xy=None, point_labels=None):
         self.decoder_calls += 1
         out = np.full((len(boxes_xyxy), *shape), -10.0, np.float32)
         for n, (x0, y0, x1, y1) in enumerate(np.asarray(boxes_xyxy, int)):
             out[n, y0:y1 + 1, x0:x1 + 1] = 10.0
-        return out
+        return out, np.full(len(out), 0.9, np.float32)
 
 
 SMALL = MedLAMConfig(base_channels=4, patch_size=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0))
@@ -460,7 +463,8 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
 
     monkeypatch.setattr(eval_command, "build_backends", lambda names, ck, args: {n: BoxFiller() for n in names})
     out = tmp_path / "run"
-    assert cli.main(_eval_args(dataset, out)) == 0
+    both = ("--localization", "medlam", "medlam_box", "manual")  # MedLAM boxes propagated and as boxes
+    assert cli.main(_eval_args(dataset, out, *both)) == 0
     printed = capsys.readouterr().out
     assert "| liver |" in printed and "Box IoU" in printed
     for name in ("report.md", "summary.json", "dsc.csv", "hd95.csv", "iou.csv", "per_study.csv", "timings.csv",
@@ -473,7 +477,10 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_studies"] == 2 and summary["supports"] == ["synct_0000", "synct_0001"]
-    assert set(summary["pairs"]) == {"medlam/litemedsam", "manual/litemedsam"}
+    assert set(summary["pairs"]) == {"medlam/litemedsam", "medlam_box/litemedsam", "manual/litemedsam"}
+    assert summary["settings"]["prompting"] == "propagate"
+    loc = summary["localization"]
+    assert loc["medlam"]["mean_over_organs"] == loc["medlam_box"]["mean_over_organs"]  # one localization
     mean = summary["pairs"]["manual/litemedsam"]["mean_over_organs"]["dsc"]
     organ_means = [v["dsc"]["mean"] for v in summary["pairs"]["manual/litemedsam"]["organs"].values()
                    if v["dsc"]["n"]]
@@ -481,6 +488,8 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
     report = (out / "report.md").read_text()
     assert "## Segmentation: DSC" in report and "MedLAM + litemedsam" in report
     assert "MedLAM boxes grown by 2 slices along z and 8 mm in-plane." in report  # the default margin
+    assert "MedLAM boxes prompted by propagation" in report and "MedLAM (box prompts) + litemedsam" in report
+    assert "MedLAM (box prompts) IoU" not in report  # the same boxes: one IoU column
     header = (out / "dsc.csv").read_text().splitlines()[0]
     assert header.startswith("organ,medlam/litemedsam_dsc_mean,medlam/litemedsam_dsc_std")
     rows = (out / "per_study.csv").read_text().splitlines()
@@ -489,11 +498,11 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
     # resume: finished studies are not recomputed; a deleted one is
     stamp = {p.name: p.stat().st_mtime_ns for p in (out / "studies").glob("*.json")}
     (out / "studies" / "synct_0003.json").unlink()
-    assert cli.main(_eval_args(dataset, out)) == 0
+    assert cli.main(_eval_args(dataset, out, *both)) == 0
     assert (out / "studies" / "synct_0002.json").stat().st_mtime_ns == stamp["synct_0002.json"]
     assert (out / "studies" / "synct_0003.json").exists()
     # other settings in the same folder are refused with a clear message
-    assert cli.main(_eval_args(dataset, out, "--seed", "5")) == 2
+    assert cli.main(_eval_args(dataset, out, *both, "--seed", "5")) == 2
     assert "other evaluation settings" in capsys.readouterr().err
 
 

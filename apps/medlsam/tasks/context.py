@@ -154,7 +154,8 @@ class MedLSAMContext:
                 accelerate=self.settings.accelerate, model_dir=self.settings.model_dir,
             )
             self._segmenter = Segmenter(backend, largest_component=self.settings.largest_component, progress=False,
-                                        in_plane_margin_mm=self.settings.box_margin_mm)
+                                        in_plane_margin_mm=self.settings.box_margin_mm,
+                                        prompting=self.settings.prompting, propagation=self.settings.propagation)
         return self._segmenter
 
     @property

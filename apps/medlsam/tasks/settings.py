@@ -14,7 +14,7 @@ from medlsam.errors import ConfigurationError
 from medlsam.labels import LabelMap
 from medlsam.medlam.patches import PRECISIONS
 from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
-from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, parse_margin_mm
+from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, PropagationSettings, check_prompting, parse_margin_mm
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
@@ -39,6 +39,8 @@ class AppSettings:
     template_wait_s: float = 30.0  # longest a request waits for a template update before HTTP 409
     medlam_batch_size: int | None = None  # MedLAM patches per forward pass; None: by device and network size
     medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    prompting: str = "propagate"  # per-slice prompts follow the organ; "box": the 3D box on every slice
+    propagation: PropagationSettings = PropagationSettings()
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -93,6 +95,8 @@ class AppSettings:
             template_wait_s=template_wait_s,
             medlam_batch_size=batch_size,
             medlam_precision=precision,
+            prompting=check_prompting(conf.get("prompting", "propagate")),
+            propagation=PropagationSettings(step_mm=_float(conf, "step_mm", PropagationSettings().step_mm)),
         )
 
     def read_label_map(self) -> LabelMap:
@@ -149,6 +153,13 @@ def trained_checkpoints(trained_dir: Path, version: str) -> list[Path]:
         known = sorted(p.stem for p in (trained_dir / "versions").glob("v*.pt"))
         raise ValueError(f"--conf medlam_version {version}: {path} does not exist (published: {', '.join(known) or 'none'})")
     return [path]
+
+
+def _float(conf: dict[str, str], key: str, default: float) -> float:
+    try:
+        return float(conf.get(key, default))
+    except ValueError:
+        raise ValueError(f"--conf {key} must be a number, got {conf[key]!r}") from None
 
 
 def default_template_store(model_dir: Path, studies: str) -> Path:

@@ -1,4 +1,5 @@
-"""`medlsam bench`: the embedding cache and the accelerated encoder, measured side by side in one run."""
+"""`medlsam bench`: the embedding cache and the accelerated encoder, measured side by side in one run;
+`--pipeline`: today's box prompts against the propagated ones, end to end (bench_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="segment every Nth covered slice in both cache modes (same slices; 1 = all)")
     p.add_argument("--speed-slices", type=int, default=8, help="slices for the eager vs accelerated comparison")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON report (default {DEFAULT_OUT}; with --pipeline runs/bench/pipeline_bench.json)")
+    from medlsam.commands import bench_pipeline
+
+    bench_pipeline.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -100,6 +105,12 @@ class _Case:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pipeline:
+        from medlsam.commands import bench_pipeline
+
+        args.out = args.out or bench_pipeline.DEFAULT_OUT
+        return bench_pipeline.run(args)
+    args.out = args.out or DEFAULT_OUT
     import torch
 
     from medlsam.segment import Segmenter, build_backend

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medlsam.commands import add_box_margin_options
+    from medlsam.commands import add_box_margin_options, add_prompting_options
 
     p = sub.add_parser(
         "eval",
@@ -40,8 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N query studies")
 
     method = p.add_argument_group("method")
-    method.add_argument("--localization", nargs="+", choices=["medlam", "manual"], default=["medlam", "manual"],
-                        help="box sources to compare (default both)")
+    method.add_argument("--localization", nargs="+", choices=["medlam", "medlam_box", "manual"],
+                        default=["medlam", "manual"],
+                        help="box sources to compare (default medlam manual); medlam_box: the MedLAM boxes prompted "
+                        "the paper's way (the 3D box on every slice), beside --prompting's, from one localization")
     method.add_argument("--backbones", nargs="+", default=["litemedsam"],
                         help="segmentation backbones: litemedsam (default), sam_vit_b/l/h, medsam")
     method.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
@@ -56,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="paper: MedLAM boxes are only prompted on slices that hold the organ (the reference "
                         "protocol); box: on every slice of the expanded box (what deployment does)")
     add_box_margin_options(method)
+    add_prompting_options(method)
     method.add_argument("--box-shift", type=float, default=20, help="manual boxes: max outward shift per side (px)")
     method.add_argument("--box-shift-reference", type=float, default=1024,
                         help="image size the shift is measured at (MedSAM: 1024); 0 = native pixels")
@@ -125,6 +128,7 @@ def build_templates(embedder, supports, label_map, organs, out_dir: Path, cache_
 def run(args: argparse.Namespace) -> int:
     from medlsam.evaluation.datasets import pair_studies, split_supports
     from medlsam.evaluation.report import markdown_tables, write_report
+    from medlsam.commands import propagation_from_args
     from medlsam.evaluation.runner import EvalSettings, run_evaluation
     from medlsam.io import load_label_map
 
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     label_map = load_label_map(args.label_map)
     organs = _resolve_organs(label_map, args.organs)
     studies = pair_studies(args.images, args.labels)
-    use_medlam = "medlam" in args.localization
+    use_medlam = bool({"medlam", "medlam_box"} & set(args.localization))
     if args.templates is not None or not use_medlam:
         supports, queries = [], list(studies)
     else:
@@ -180,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         gt_slice_threshold=args.gt_slice_threshold, eval_slices=args.eval_slices, seed=args.seed,
         max_shift_px=args.box_shift, shift_reference_px=args.box_shift_reference or None,
         box_margin_zyx=tuple(args.margin), in_plane_margin_mm=args.margin_mm, slice_step_mm=args.slice_step_mm,
+        prompting=args.prompting, propagation=asdict(propagation_from_args(args)),
         extra={k: extra[k] for k in ("supports", "medlam_fingerprint", "localizer") if k in extra}
         | {"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )

@@ -16,15 +16,16 @@ from medlsam.localization import StudyLocalization
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medlsam.commands import add_box_margin_options
+    from medlsam.commands import add_box_margin_options, add_prompting_options
     from medlsam.segment import BACKENDS, DEFAULT_WINDOWS
 
     p = sub.add_parser(
         "segment",
         help="segment organs from 3D boxes with LiteMedSAM / SAM / MedSAM",
-        description="Turn each organ's 3D box into one box prompt per axial slice (expanded by "
-        "--margin), segment every slice once with a SAM-family model and write one label NIfTI "
-        "on the image's voxel grid.",
+        description="Segment each organ inside its 3D box (expanded by --margin) slice by slice with a "
+        "SAM-family model, as the app does: by default the box prompt of each slice follows the organ from "
+        "the box's centre slice (--prompting propagate); --prompting box gives every slice the box's "
+        "whole in-plane extent. Writes one label NIfTI on the image's voxel grid.",
     )
     p.add_argument("image", type=Path, help="CT NIfTI file (Hounsfield units)")
     p.add_argument("boxes", type=Path, help="boxes JSON as written by `medlsam localize --out`")
@@ -34,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="folder with SAM/MedSAM checkpoints")
     p.add_argument("--organs", nargs="*", default=None, help="organ names or ids to segment (default: all present)")
     add_box_margin_options(p)
+    add_prompting_options(p)
     p.add_argument("--whole-box", action="store_true", help="use each organ's whole box even when SPL parts exist")
     p.add_argument("--window", default="auto", choices=["auto", *DEFAULT_WINDOWS],
                    help="CT window: 'auto' (as the app) picks lung/bone windows from organ names; "
@@ -69,6 +71,7 @@ def select_organs(localization: StudyLocalization, wanted: list[str] | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from medlsam.commands import propagation_from_args
     from medlsam.pipeline import organ_windows, segment_localization
     from medlsam.segment import Segmenter, build_backend
 
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     backend = build_backend(args.model, checkpoint=args.checkpoint, device=args.device,
                             accelerate=not args.no_accelerate, model_dir=args.model_dir)
     segmenter = Segmenter(backend, box_margin_zyx=args.margin, cache=not args.no_cache,
-                          largest_component=args.largest_component, in_plane_margin_mm=args.margin_mm)
+                          largest_component=args.largest_component, in_plane_margin_mm=args.margin_mm,
+                          prompting=args.prompting, propagation=propagation_from_args(args))
     mode = "WPL" if args.whole_box else localization.mode
     windows = None if args.window == "auto" else {label: args.window for label in organ_windows(localization)}
     result = segment_localization(image, localization, segmenter, mode=mode, windows=windows)

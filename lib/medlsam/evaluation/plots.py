@@ -16,7 +16,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from medlsam.io import atomic_path  # noqa: E402
 from medlsam.segment import DEFAULT_WINDOWS, apply_window, window_for_organ_name  # noqa: E402
 
-PAIR_LABELS = {"medlam": "MedLAM", "manual": "Manual"}
+PAIR_LABELS = {"medlam": "MedLAM", "medlam_box": "MedLAM (box prompts)", "manual": "Manual"}
 _PREDICTION_CMAP = ListedColormap(["orange"])
 
 

@@ -46,7 +46,7 @@ def aggregate(results: Sequence[dict], settings: EvalSettings, extra: dict | Non
                 "found": statuses.count("found"),
                 "missed": len(in_truth) - statuses.count("found"),
             }
-            if loc == "medlam":
+            if loc in ("medlam", "medlam_box"):
                 absent = [e["localization"].get(loc, {}).get("status") for e in entries if not e["in_truth"]]
                 row["false_alarms"] = absent.count("found")
                 row["correctly_absent"] = len(absent) - absent.count("found")
@@ -108,6 +108,8 @@ def markdown_tables(summary: dict) -> dict[str, str]:
     """{"iou", "dsc", "hd95"} Markdown tables laid out like the paper's (organs x pairs, mean row)."""
     organs = list(summary["organs"])
     locs, pairs = summary["localization"], summary["pairs"]
+    if "medlam" in locs and "medlam_box" in locs:  # the same boxes, prompted two ways: one IoU column
+        locs = {k: v for k, v in locs.items() if k != "medlam_box"}
     out = {}
     if locs:
         header = ["Organ", "n"] + [f"{pretty_pair(l)} IoU" for l in locs] + \
@@ -139,16 +141,31 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
         f"{summary['n_studies']} query studies; localization {s['mode']}; "
         + ("paper protocol: boxes prompted and scores computed only on slices whose ground truth exceeds "
            if s["eval_slices"] == "paper" else
-           "deployment protocol: MedLAM boxes prompted on every slice of the box, scores over the whole volume; "
+           "deployment protocol: MedLAM boxes segmented as the app does (any slice of the box may be prompted), "
+           "scores over the whole volume; "
            "manual boxes on slices whose ground truth exceeds ")
         + f"gt_slice_threshold = {s['gt_slice_threshold']:g} px; manual boxes: ground truth + U{{0..{s['max_shift_px']:g}}} px "
         + (f"at {s['shift_reference_px']:g} px scale" if s["shift_reference_px"] else "native px")
         + f"; seed {s['seed']}."
     )
-    if "medlam" in s.get("localizations", ()) and s.get("box_margin_zyx"):
+    if {"medlam", "medlam_box"} & set(s.get("localizations", ())) and s.get("box_margin_zyx"):
         z, y, x = s["box_margin_zyx"]
         in_plane = f"{s['in_plane_margin_mm']:g} mm" if s.get("in_plane_margin_mm") is not None else f"{y} x {x} px"
         lines.append(f"MedLAM boxes grown by {z} slices along z and {in_plane} in-plane.")
+        if "medlam_box" in s.get("localizations", ()):
+            lines.append("MedLAM (box prompts): the same MedLAM boxes, every slice prompted with the 3D box's "
+                         "in-plane extent (the paper's and the previous default prompting), for comparison.")
+        if "medlam" not in s.get("localizations", ()):
+            pass
+        elif s.get("prompting") == "propagate":
+            p = s.get("propagation") or {}
+            step = f"key slices about {p.get('step_mm'):g} mm apart, interpolated between" if p.get("step_mm") \
+                else "every slice"
+            lines.append("MedLAM boxes prompted by propagation: the start slice gets the box, every further slice "
+                         f"the previous slice's mask box + {p.get('margin_mm', 0):g} mm, walks end below predicted "
+                         f"IoU {p.get('min_score', 0):g}; {step}.")
+        else:
+            lines.append("MedLAM boxes prompted as boxes: every slice gets the 3D box's in-plane extent.")
     if s.get("slice_step_mm"):
         lines.append(f"Subsampled: only axial slices about {s['slice_step_mm']:g} mm apart were prompted and scored "
                      "(DSC is estimated from them; HD95 is computed on the stacked subsample, an approximation).")
@@ -161,7 +178,7 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
         lines += ["## Localization: 3D box IoU (mean ± std)", "",
                   "Organs the localizer marked absent although present count as IoU 0 (column *missed*).", "",
                   tables["iou"], ""]
-        presence = summary["localization"].get("medlam", {}).get("totals")
+        presence = (summary["localization"].get("medlam") or summary["localization"].get("medlam_box") or {}).get("totals")
         if presence:
             lines += [f"MedLAM presence check: {presence['found']} of {presence['n']} present organs found, "
                       f"{presence['missed']} missed; {presence['false_alarms']} false alarms, "

@@ -1,7 +1,9 @@
 """The per-study evaluation loop: localize, build box prompts, segment, score; resumable.
 
 For each query study every (localization, backbone) pair is segmented: "medlam" boxes come from
-the localizer, "manual" boxes are simulated from the ground truth (manual_boxes.py). Each
+the localizer and are prompted as the app prompts them (the evaluation's `prompting`),
+"medlam_box" prompts the same boxes the paper's way (the 3D box on every slice, for comparison),
+"manual" boxes are simulated from the ground truth (manual_boxes.py). Each
 finished study is written atomically to `<out>/studies/<study_id>.json`; a rerun skips the studies
 already there (when they were computed with the same settings).
 """
@@ -27,12 +29,12 @@ from medlsam.evaluation.metrics import box_iou_mm, dice, hd95, mask_box
 from medlsam.geometry import AxialView, voxel_spacing
 from medlsam.io import atomic_write_json, load_nifti
 from medlsam.localization import StudyLocalization
-from medlsam.segment import Segmenter, window_for_organ_name
-from medlsam.segment.slice_boxes import keep_slices
+from medlsam.segment import PropagationSettings, Segmenter, TrackedPrompts, window_for_organ_name
+from medlsam.segment.propagation import every_kth_slice, keep_prompt_slices
 
 log = logging.getLogger(__name__)
 
-LOCALIZATIONS = ("medlam", "manual")
+LOCALIZATIONS = ("medlam", "medlam_box", "manual")
 EVAL_SLICES = ("paper", "box")
 
 
@@ -41,7 +43,7 @@ class EvalSettings:
     """Everything that changes the numbers of an evaluation (part of each study file's key)."""
 
     organs: dict[str, int]  # name -> label id, the organs to evaluate
-    localizations: tuple[str, ...] = LOCALIZATIONS
+    localizations: tuple[str, ...] = ("medlam", "manual")
     backbones: tuple[str, ...] = ("litemedsam",)
     mode: str = "WPL"
     gt_slice_threshold: float = 0  # pixels; slices with less ground truth are not prompted/scored
@@ -53,6 +55,8 @@ class EvalSettings:
     in_plane_margin_mm: float | None = None  # set: replaces box_margin_zyx's y and x (as the app does)
     slice_step_mm: float = 0  # > 0: prompt and score only axial slices about this far apart (subsampling)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. weights fingerprints, support ids
+    prompting: str = "box"  # MedLAM boxes: "box" (one 2D box per slice) or "propagate" (as the app)
+    propagation: dict[str, Any] = field(default_factory=dict)  # PropagationSettings fields
 
     def __post_init__(self):
         if not self.organs:
@@ -74,13 +78,20 @@ class EvalSettings:
         self.box_margin_zyx = tuple(int(m) for m in self.box_margin_zyx)
         if self.slice_step_mm < 0:
             raise ValueError(f"slice_step_mm must be >= 0 (0: every slice), got {self.slice_step_mm}")
+        if self.prompting not in ("box", "propagate"):
+            raise ValueError(f"prompting must be 'box' or 'propagate', got {self.prompting!r}")
+        self.propagation = asdict(PropagationSettings(**dict(self.propagation)))
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
         return [(loc, backbone) for loc in self.localizations for backbone in self.backbones]
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        out = json.loads(json.dumps(asdict(self)))
+        if self.prompting == "box":  # as before prompting existed: older result folders keep their key
+            out.pop("prompting")
+            out.pop("propagation")
+        return out
 
     def key(self) -> str:
         """A fingerprint of the settings; study files with another key are not reused."""
@@ -92,32 +103,39 @@ def pair_name(localization: str, backbone: str) -> str:
 
 
 # -- segmentation: the app's own path for MedLAM boxes, the same Segmenter for manual boxes -----
-def build_segmenter(backend, settings: EvalSettings) -> Segmenter:
-    """The Segmenter an evaluation uses: the app's, with the evaluated margins."""
+def build_segmenter(backend, settings: EvalSettings, prompting: str | None = None) -> Segmenter:
+    """The Segmenter an evaluation uses: the app's, with the evaluated margins and prompting."""
     return Segmenter(backend, box_margin_zyx=settings.box_margin_zyx, in_plane_margin_mm=settings.in_plane_margin_mm,
-                     progress=False)
+                     progress=False, prompting=prompting or settings.prompting,
+                     propagation=PropagationSettings(**settings.propagation))
 
 
 def medlam_prompts(localization: StudyLocalization, view: AxialView, segmenter: Segmenter, settings: EvalSettings,
-                   counted: Mapping[str, list[int]]) -> dict[int, dict[int, list]]:
-    """Label id -> {z: [2D boxes]} from the localizer's 3D boxes, built by the Segmenter as for a user.
+                   counted: Mapping[str, list[int]]) -> dict[int, dict[int, list]] | TrackedPrompts:
+    """The localizer's 3D boxes as the Segmenter prompts them for a user: label id -> {z: [2D boxes]},
+    or `TrackedPrompts` when it propagates.
 
     The paper protocol keeps only the slices the ground truth counts."""
     prompts = segmenter.nifti_prompts(view, localization.prompt_boxes(settings.mode))
     if settings.eval_slices == "paper":
         ids = {o.label_id: n for n, o in localization.organs.items()}
-        prompts = keep_slices(prompts, {label: counted.get(ids[label], ()) for label in prompts})
+        labels = prompts.boxes if isinstance(prompts, TrackedPrompts) else prompts
+        prompts = keep_prompt_slices(prompts, {label: counted.get(ids[label], ()) for label in labels})
     return prompts
 
 
 def segment_prompt_sets(segmenter: Segmenter, volume_zyx: np.ndarray, prompt_sets: Mapping[str, Mapping[int, Mapping]],
-                        windows: Mapping[int, str], progress: bool = False) -> tuple[dict, dict]:
-    """Segment several prompt sets ({label: {z: [boxes]}} each) on one volume; each slice is encoded once.
+                        windows: Mapping[int, str], progress: bool = False, spacing_zyx=None,
+                        used_prompts: dict | None = None) -> tuple[dict, dict]:
+    """Segment several prompt sets ({label: {z: [boxes]}} or TrackedPrompts each) on one volume; static
+    sets share one encoder pass per slice.
 
-    Returns ({set: labels zyx}, stats)."""
+    Returns ({set: labels zyx}, stats); `used_prompts` (if given) receives each set's decoded 2D boxes."""
     sets = {name: prompts for name, prompts in prompt_sets.items() if prompts}
     segmenter.progress = progress
-    results = segmenter.segment_prompt_sets(volume_zyx, sets, windows) if sets else {}
+    results = segmenter.segment_prompt_sets(volume_zyx, sets, windows, spacing_zyx=spacing_zyx) if sets else {}
+    if used_prompts is not None:
+        used_prompts.update({name: r.prompts or {} for name, r in results.items()})
     labels = {name: results[name].labels if name in results else np.zeros(volume_zyx.shape, np.uint8)
               for name in prompt_sets}
     stats = dict(next(iter(results.values())).stats) if results else {"slices": 0, "encoder_calls": 0,
@@ -259,13 +277,17 @@ def _prompt_sets(truth: _StudyTruth, settings: EvalSettings, localizer, segmente
                  organs_out: dict, timings: dict) -> dict[str, dict[int, dict]]:
     """Prompts {label id: {z: [2D boxes]}} per localization; fills each organ's localization entry."""
     prompt_sets, boxes_3d = {}, {}
-    if "medlam" in settings.localizations:
+    uses_medlam = [loc for loc in ("medlam", "medlam_box") if loc in settings.localizations]
+    if uses_medlam:
         t0 = time.perf_counter()
-        localization, boxes_3d["medlam"], entries = _localize(truth.image, truth.study, settings, localizer)
-        prompt_sets["medlam"] = medlam_prompts(localization, truth.view, segmenter, settings, truth.counted)
+        localization, boxes, entries = _localize(truth.image, truth.study, settings, localizer)
         timings["localize_s"] = round(time.perf_counter() - t0, 3)
-        for name, entry in entries.items():
-            organs_out[name]["localization"]["medlam"] = entry
+        for loc in uses_medlam:  # one localization, prompted the evaluated way and/or the paper's way
+            prompter = segmenter if loc == "medlam" else build_segmenter(segmenter.backend, settings, "box")
+            prompt_sets[loc] = medlam_prompts(localization, truth.view, prompter, settings, truth.counted)
+            boxes_3d[loc] = boxes
+            for name, entry in entries.items():
+                organs_out[name]["localization"][loc] = dict(entry)
     if "manual" in settings.localizations:
         prompt_sets["manual"], boxes_3d["manual"] = _manual_boxes(truth.view, truth.truth_view, truth.study,
                                                                   settings, truth.present)
@@ -279,8 +301,7 @@ def _prompt_sets(truth: _StudyTruth, settings: EvalSettings, localizer, segmente
             iou = box_iou_mm(box, truth.truth_boxes[name], truth.image.affine) if box is not None else 0.0
             organs_out[name]["localization"][loc]["iou"] = _round(iou)
     # subsampling: only every step-th slice is prompted
-    return {loc: {i: {z: b for z, b in per.items() if z % truth.step == 0} for i, per in prompts.items()}
-            for loc, prompts in prompt_sets.items()}
+    return {loc: every_kth_slice(prompts, truth.step) for loc, prompts in prompt_sets.items()}
 
 
 def _score(truth: _StudyTruth, settings: EvalSettings, predictions: dict, organs_out: dict) -> None:
@@ -306,10 +327,10 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
 
     # segmentation: per backbone, all localizations share the encoder passes
     windows = {settings.organs[n]: window_for_organ_name(n) for n in settings.organs}
-    timings["segment_s"], seg_stats, predictions = {}, {}, {}
+    timings["segment_s"], seg_stats, predictions, used = {}, {}, {}, {}
     for backbone, segmenter in segmenters.items():
-        predictions[backbone], seg_stats[backbone] = segment_prompt_sets(segmenter, truth.view.array, prompt_sets,
-                                                                         windows, progress)
+        predictions[backbone], seg_stats[backbone] = segment_prompt_sets(
+            segmenter, truth.view.array, prompt_sets, windows, progress, truth.view.spacing_zyx, used)
         timings["segment_s"][backbone] = seg_stats[backbone]["seconds"]
 
     t0 = time.perf_counter()
@@ -321,7 +342,7 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
 
         t0 = time.perf_counter()
         shown = {n: [z for z in zs if z % truth.step == 0] for n, zs in truth.counted.items()}
-        by_name = {loc: {n: prompts.get(i, {}) for n, i in settings.organs.items()} for loc, prompts in prompt_sets.items()}
+        by_name = {loc: {n: used.get(loc, {}).get(i, {}) for n, i in settings.organs.items()} for loc in prompt_sets}
         study_overlays(Path(overlay_dir) / study.study_id, truth.view, truth.truth_view, truth.present, shown, by_name,
                        predictions, settings, overlay_slices)
         timings["overlays_s"] = round(time.perf_counter() - t0, 3)

@@ -22,8 +22,12 @@ from .backends.base import Embedding, SamFamilyBackend
 from .postprocess import keep_largest_component
 from medlsam.errors import InputError
 
+from .propagation import (
+    PropagationSettings, TrackedPrompts, box_parts, check_prompting, grow_box, interpolate, keep_prompt_slices, mask_box,
+    plan_walks,
+)
 from .slice_boxes import (
-    PAPER_MARGIN_ZYX, Box2D, SliceBoxes, _is_box3d, keep_slices, margin_in_voxels, parse_margin_mm, parse_organ_boxes,
+    PAPER_MARGIN_ZYX, Box2D, SliceBoxes, _is_box3d, margin_in_voxels, parse_margin_mm, parse_organ_boxes,
 )
 from .windows import DEFAULT_WINDOWS, apply_window, check_windows
 
@@ -36,6 +40,7 @@ class SegmentationResult:
     probabilities: dict[int, np.ndarray] | None = None  # label -> float32 foreground probability
     stats: dict[str, Any] = field(default_factory=dict)
     view_labels: np.ndarray | None = None  # segment_nifti: the labels on the axial (z, y, x) view
+    prompts: dict[int, SliceBoxes] | None = None  # the 2D box prompts actually decoded, {label: {z: [boxes]}}
 
 
 @dataclass
@@ -50,7 +55,9 @@ class Segmenter:
     def __init__(self, backend: SamFamilyBackend, box_margin_zyx: Sequence[int] = PAPER_MARGIN_ZYX,
                  cache: bool = True, largest_component: bool = False,
                  windows: Mapping[str, tuple[float, float]] | None = None, threshold: float = 0.5,
-                 progress: bool = True, interactive_cache_size: int = 8, in_plane_margin_mm: float | None = None):
+                 progress: bool = True, interactive_cache_size: int = 8, in_plane_margin_mm: float | None = None,
+                 prompting: str = "box", propagation: PropagationSettings | None = None,
+                 memo_budget_mb: float = 1024.0):
         margin = tuple(int(m) for m in box_margin_zyx)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"box_margin_zyx must be three non-negative ints, got {box_margin_zyx!r}")
@@ -67,89 +74,242 @@ class Segmenter:
         self.progress = progress
         self._interactive: OrderedDict[tuple[str, str], Embedding] = OrderedDict()
         self._interactive_size = max(0, int(interactive_cache_size))
+        # "box": every slice of a 3D box gets the box's in-plane extent; "propagate": prompts follow the organ
+        self.prompting = check_prompting(prompting)
+        self.propagation = propagation or PropagationSettings()
+        self.memo_budget_bytes = float(memo_budget_mb) * 2**20
 
     # -- volumes --------------------------------------------------------------------------------
     def segment_volume(self, volume_zyx_hu: np.ndarray, organ_boxes: Mapping[int, Any],
                        window_for_label: Mapping[int, str] | None = None, return_probabilities: bool = False,
                        slices: Iterable[int] | None = None,
-                       box_margin_zyx: Sequence[int] | None = None) -> SegmentationResult:
+                       box_margin_zyx: Sequence[int] | None = None,
+                       spacing_zyx: Sequence[float] | None = None) -> SegmentationResult:
         """Segment every organ of `organ_boxes` in a (z, y, x) HU volume.
 
         organ_boxes: label -> a 3D box (lo_zyx, hi_zyx), a list of them (SPL parts; expanded by
         `box_margin_zyx`, this call's or the segmenter's), or per-slice 2D boxes {z: (y0, x0, y1, x1)}
-        (used as given).
+        (used as given; then every organ is prompted box by box, whatever `prompting` says).
         Overlaps go to the label with the higher probability. `slices` restricts the work to some z.
+        `spacing_zyx` (mm) sizes the propagation's margins and steps (default: 1 mm voxels).
         """
         volume = self._check_volume(volume_zyx_hu)
         margin = self.box_margin_zyx if box_margin_zyx is None else tuple(int(m) for m in box_margin_zyx)
-        prompts = parse_organ_boxes(organ_boxes, volume.shape, margin)
+        prompts = self._prompts_for(organ_boxes, volume.shape, margin)
         if slices is not None:
             keep = {int(z) for z in slices}
-            prompts = keep_slices(prompts, {label: keep for label in prompts})
-        return self.segment_prompt_sets(volume, {"": prompts}, window_for_label, return_probabilities)[""]
+            labels = prompts.boxes if isinstance(prompts, TrackedPrompts) else prompts
+            prompts = keep_prompt_slices(prompts, {label: keep for label in labels})
+        return self.segment_prompt_sets(volume, {"": prompts}, window_for_label, return_probabilities,
+                                        spacing_zyx=spacing_zyx)[""]
 
-    def segment_prompt_sets(self, volume_zyx_hu: np.ndarray, prompt_sets: Mapping[str, Mapping[int, SliceBoxes]],
+    def _prompts_for(self, organ_boxes: Mapping[int, Any], shape, margin) -> dict[int, SliceBoxes] | TrackedPrompts:
+        """Tracked prompts for 3D boxes when propagating, else one 2D box per slice."""
+        static = parse_organ_boxes(organ_boxes, shape, margin)  # validates every form
+        if self.prompting != "propagate" or any(isinstance(v, Mapping) for v in organ_boxes.values()):
+            return static
+        boxes = {int(label): ([value] if _is_box3d(value) else list(value)) for label, value in organ_boxes.items()}
+        return TrackedPrompts(box_parts(boxes, shape, margin))
+
+    def segment_prompt_sets(self, volume_zyx_hu: np.ndarray,
+                            prompt_sets: Mapping[str, Mapping[int, SliceBoxes] | TrackedPrompts],
                             window_for_label: Mapping[int, str] | None = None,
-                            return_probabilities: bool = False) -> dict[str, SegmentationResult]:
-        """Segment several prompt sets ({label: {z: [2D boxes]}} each) on one volume.
+                            return_probabilities: bool = False,
+                            spacing_zyx: Sequence[float] | None = None) -> dict[str, SegmentationResult]:
+        """Segment several prompt sets on one volume: {label: {z: [2D boxes]}} (static prompts) or
+        `TrackedPrompts` (3D boxes, propagated along z; `spacing_zyx` sizes its margins and steps).
 
-        Each set gets its own multi-label result (overlaps resolved within the set); a slice is
-        encoded once for all sets (once per CT window), so comparing prompt sets (e.g. MedLAM boxes
-        against manual boxes) costs no extra encoder passes. Stats are shared by the sets.
+        Each set gets its own multi-label result (overlaps resolved within the set); static sets
+        share one encoder pass per slice (and CT window), so comparing them (e.g. MedLAM boxes
+        against manual boxes) costs no extra encoder passes. Stats cover all sets.
         """
         volume = self._check_volume(volume_zyx_hu)
-        prompt_sets = {name: parse_organ_boxes(prompts, volume.shape) for name, prompts in prompt_sets.items()}
-        window_of = self._windows_for({label for p in prompt_sets.values() for label in p}, window_for_label)
-        plan: dict[int, list[tuple[str, int, Box2D]]] = defaultdict(list)
-        for set_name, prompts in prompt_sets.items():
-            for label, per_slice in prompts.items():
-                for z, boxes in per_slice.items():
-                    plan[z].extend((set_name, label, box) for box in boxes)
-
-        labels = {name: np.zeros(volume.shape, dtype=np.uint8) for name in prompt_sets}
-        probabilities = {name: {label: np.zeros(volume.shape, np.float32) for label in prompts}
-                         for name, prompts in prompt_sets.items()} if return_probabilities else None
+        tracked = {n: p for n, p in prompt_sets.items() if isinstance(p, TrackedPrompts)}
+        static = {n: parse_organ_boxes(p, volume.shape) for n, p in prompt_sets.items() if n not in tracked}
+        all_labels = {label for p in static.values() for label in p} | {label for p in tracked.values() for label in p.boxes}
+        window_of = self._windows_for(all_labels, window_for_label)
         enc0, dec0 = self.backend.encoder_calls, self.backend.decoder_calls
         enc_s0, dec_s0 = self.backend.encode_seconds, self.backend.decode_seconds
         start = time.perf_counter()
-        for z in tqdm(sorted(plan), desc="segment", unit="slice", disable=None if self.progress else True):
-            per_set = self._slice_probabilities(volume[z], plan[z], window_of)
-            for set_name, slice_probs in per_set.items():
-                ids = np.fromiter(slice_probs, dtype=np.uint8)
-                stack = np.stack(list(slice_probs.values()))
-                best = stack.argmax(axis=0)
-                best_prob = np.take_along_axis(stack, best[None], axis=0)[0]
-                labels[set_name][z] = np.where(best_prob > self.threshold, ids[best], 0)
-                if probabilities is not None:
-                    for label, prob in slice_probs.items():
-                        probabilities[set_name][label][z] = prob
+        results: dict[str, SegmentationResult] = {}
+        encoded: set[int] = set()
+        extra: dict[str, int] = defaultdict(int)
+        # static sets first; their embeddings stay in the memo (within budget) for the tracked sets
+        memo = _EmbeddingMemo(self, volume, self.memo_budget_bytes if tracked else 0)
+        if static:
+            results.update(self._segment_static(volume, static, window_of, return_probabilities, encoded, memo))
+        for name, prompts in tracked.items():
+            results[name] = self._segment_tracked(volume, prompts, window_of, spacing_zyx, return_probabilities,
+                                                  encoded, extra, memo)
+            memo.release(lambda key: True)
         if self.largest_component:
-            for set_name, prompts in prompt_sets.items():
-                keep_largest_component(labels[set_name], prompts.keys())
+            for name, result in results.items():
+                labels = prompt_sets[name].boxes if name in tracked else static[name]
+                keep_largest_component(result.labels, labels.keys())
         stats = {
             "backend": self.backend.name,
             "accelerated": bool(self.backend.accelerated),
             "accelerated_decoder": self.backend.box_decoder is not None,
             "cache": self.cache,
-            "organs": len({label for p in prompt_sets.values() for label in p}),
-            "slices": len(plan),
-            "prompts": sum(len(p) for p in plan.values()),
+            "prompting": "propagate" if tracked else "box",
+            "organs": len(all_labels),
+            "slices": len(encoded),
+            "prompts": sum(len(boxes) for r in results.values() for per in (r.prompts or {}).values()
+                           for boxes in per.values()),
             "encoder_calls": self.backend.encoder_calls - enc0,
             "decoder_calls": self.backend.decoder_calls - dec0,
             "seconds": round(time.perf_counter() - start, 3),
             "encode_seconds": round(self.backend.encode_seconds - enc_s0, 3),
             "decode_seconds": round(self.backend.decode_seconds - dec_s0, 3),
+            **dict(extra),
         }
         log.info("segmented %d organs on %d slices: %d encoder calls, %d decoder calls, %.1f s",
                  stats["organs"], stats["slices"], stats["encoder_calls"], stats["decoder_calls"], stats["seconds"])
+        for result in results.values():
+            result.stats = dict(stats)
+        return {name: results[name] for name in prompt_sets}
+
+    def _segment_static(self, volume: np.ndarray, prompt_sets: Mapping[str, Mapping[int, SliceBoxes]],
+                        window_of: Mapping[int, str], return_probabilities: bool,
+                        encoded: set[int], memo: "_EmbeddingMemo") -> dict[str, SegmentationResult]:
+        """Static prompt sets: every prompted slice once, all sets' boxes decoded against one embedding."""
+        plan: dict[int, list[tuple[str, int, Box2D]]] = defaultdict(list)
+        for set_name, prompts in prompt_sets.items():
+            for label, per_slice in prompts.items():
+                for z, boxes in per_slice.items():
+                    plan[z].extend((set_name, label, box) for box in boxes)
+        labels = {name: np.zeros(volume.shape, dtype=np.uint8) for name in prompt_sets}
+        probabilities = {name: {label: np.zeros(volume.shape, np.float32) for label in prompts}
+                         for name, prompts in prompt_sets.items()} if return_probabilities else None
+        for z in tqdm(sorted(plan), desc="segment", unit="slice", disable=None if self.progress else True):
+            encoded.add(z)
+            per_set = self._slice_probabilities(volume[z], plan[z], window_of, z, memo)
+            for set_name, slice_probs in per_set.items():
+                labels[set_name][z] = self._resolve(slice_probs)
+                if probabilities is not None:
+                    for label, prob in slice_probs.items():
+                        probabilities[set_name][label][z] = prob
         return {name: SegmentationResult(labels=labels[name],
                                          probabilities=probabilities[name] if probabilities is not None else None,
-                                         stats=dict(stats))
+                                         prompts={label: dict(per) for label, per in prompt_sets[name].items()})
                 for name in prompt_sets}
 
-    def nifti_prompts(self, view, organ_boxes_ijk: Mapping[int, Any]) -> dict[int, SliceBoxes]:
-        """Per-slice prompts {label: {z: [2D boxes]}} on `view` (an AxialView) for 3D boxes in the
-        study's voxel indices, expanded by the segmenter's margin (in mm in-plane when it has one)."""
+    def _resolve(self, slice_probs: Mapping[int, np.ndarray]) -> np.ndarray:
+        """One slice's label map: each pixel to the most probable label, if above the threshold."""
+        ids = np.fromiter(slice_probs, dtype=np.uint8)
+        stack = np.stack(list(slice_probs.values()))
+        best = stack.argmax(axis=0)
+        best_prob = np.take_along_axis(stack, best[None], axis=0)[0]
+        return np.where(best_prob > self.threshold, ids[best], 0).astype(np.uint8)
+
+    # -- propagation ----------------------------------------------------------------------------
+    def _segment_tracked(self, volume: np.ndarray, prompts: TrackedPrompts, window_of: Mapping[int, str],
+                         spacing_zyx: Sequence[float] | None, return_probabilities: bool,
+                         encoded: set[int], extra: dict[str, int], memo: "_EmbeddingMemo") -> SegmentationResult:
+        """Walk every organ part from its start slice outwards (propagation.py), then interpolate."""
+        settings = self.propagation
+        step = settings.step_slices(spacing_zyx[0] if spacing_zyx is not None else None)
+        margin = settings.margin_px(spacing_zyx)
+        min_area = settings.min_area_px(spacing_zyx)
+        walks = plan_walks(prompts, window_of, step)
+        decoded: dict[int, dict[int, np.ndarray]] = defaultdict(dict)  # label -> z -> probability
+        used: dict[int, SliceBoxes] = defaultdict(dict)
+        starts = [w.keys[w.start] for w in walks]
+        heads: dict[int, dict[int, tuple[int, Box2D]]] = {1: {}, -1: {}}  # direction -> walk -> (key index, box)
+
+        def accept(z: int, group: list[int], boxes: list[Box2D], direction: int | None) -> None:
+            results = self._decode_walks(memo, volume, z, [(walks[i].window, b) for i, b in zip(group, boxes)])
+            if direction is None and settings.refine_start:  # the start: re-prompt with its own mask's box
+                tight = [mask_box(p > self.threshold) for p, _ in results]
+                redo = [k for k, t in enumerate(tight) if t is not None]
+                if redo:
+                    boxes = list(boxes)
+                    for k in redo:
+                        boxes[k] = grow_box(tight[k], margin, walks[group[k]].limit)
+                    again = self._decode_walks(memo, volume, z, [(walks[group[k]].window, boxes[k]) for k in redo])
+                    for k, r in zip(redo, again):
+                        results[k] = r
+            encoded.add(z)
+            for i, box, (prob, score) in zip(group, boxes, results):
+                walk, mask = walks[i], prob > self.threshold
+                found = mask_box(mask)
+                if found is None or int(mask.sum()) < min_area or score < settings.min_score:
+                    for d in ((1, -1) if direction is None else (direction,)):
+                        walk.ends[d] = z
+                    continue
+                walk.accepted[z] = box
+                _keep_max(decoded[walk.label], z, prob)
+                used[walk.label].setdefault(z, []).append(box)
+                for d in ((1, -1) if direction is None else (direction,)):
+                    index = walk.keys.index(z) + d
+                    if 0 <= index < len(walk.keys):
+                        heads[d][i] = (index, found)
+                    else:
+                        walk.ends[d] = None
+                        heads[d].pop(i, None)
+
+        by_start: dict[int, list[int]] = defaultdict(list)
+        for i, z in enumerate(starts):
+            by_start[z].append(i)
+        bar = tqdm(total=len({z for w in walks for z in w.keys}), desc="segment", unit="slice",
+                   disable=None if self.progress else True)
+        for z in sorted(by_start):
+            accept(z, by_start[z], [walks[i].limit for i in by_start[z]], None)
+            bar.update(1)
+        for direction in (1, -1):
+            # up: slices above the highest start are needed once; down: each slice once, in order
+            while heads[direction]:
+                pending = heads[direction]
+                z = (min if direction == 1 else max)(walks[i].keys[k] for i, (k, _) in pending.items())
+                group = [i for i, (k, _) in pending.items() if walks[i].keys[k] == z]
+                boxes = [grow_box(pending[i][1], margin, walks[i].limit) for i in group]
+                for i in group:
+                    pending.pop(i)
+                accept(z, group, boxes, direction)
+                bar.update(1)
+                if direction == 1:
+                    top = max(starts)
+                    memo.release(lambda key, z=z, top=top: key[0] <= z and key[0] >= top)
+                else:
+                    memo.release(lambda key, z=z: key[0] >= z)
+        bar.close()
+
+        labels = np.zeros(volume.shape, np.uint8)
+        full = {label: interpolate(decoded[label], walks, label, volume.shape[0]) for label in prompts.boxes}
+        probabilities = ({label: np.zeros(volume.shape, np.float32) for label in prompts.boxes}
+                         if return_probabilities else None)
+        for z in sorted({z for per in full.values() for z in per}):
+            slice_probs = {label: per[z] for label, per in sorted(full.items()) if z in per}
+            labels[z] = self._resolve(slice_probs)
+            if probabilities is not None:
+                for label, prob in slice_probs.items():
+                    probabilities[label][z] = prob
+        extra["key_slices"] = extra.get("key_slices", 0) + len({z for per in decoded.values() for z in per})
+        extra["interpolated_slices"] = extra.get("interpolated_slices", 0) + len(
+            {z for per in full.values() for z in per} - {z for per in decoded.values() for z in per})
+        extra["memo_peak_mb"] = max(extra.get("memo_peak_mb", 0), int(memo.peak_bytes / 2**20))
+        return SegmentationResult(labels=labels, probabilities=probabilities,
+                                  prompts={label: dict(sorted(per.items())) for label, per in used.items()})
+
+    def _decode_walks(self, memo: "_EmbeddingMemo", volume: np.ndarray, z: int,
+                      prompts: list[tuple[str, Box2D]]) -> list[tuple[np.ndarray, float]]:
+        """(probability, predicted IoU) per (window, box) on slice z; one decoder call per window."""
+        out: list[tuple[np.ndarray, float] | None] = [None] * len(prompts)
+        by_window: dict[str, list[int]] = defaultdict(list)
+        for k, (window, _) in enumerate(prompts):
+            by_window[window].append(k)
+        for window, ks in by_window.items():
+            emb = memo.get(z, window)
+            boxes_xyxy = np.array([(x0, y0, x1, y1) for (y0, x0, y1, x1) in (prompts[k][1] for k in ks)], np.float32)
+            logits, scores = self.backend.decode_scored(emb, boxes_xyxy)
+            for k, logit, score in zip(ks, logits, scores):
+                out[k] = (expit(logit).astype(np.float32), float(score))
+        return out  # type: ignore[return-value]
+
+    def nifti_prompts(self, view, organ_boxes_ijk: Mapping[int, Any]) -> dict[int, SliceBoxes] | TrackedPrompts:
+        """Prompts on `view` (an AxialView) for 3D boxes in the study's voxel indices, expanded by the
+        segmenter's margin (in mm in-plane when it has one): one 2D box per slice {label: {z: [boxes]}}
+        with `prompting="box"`, `TrackedPrompts` (3D boxes to propagate along) with "propagate"."""
         boxes_zyx = {}
         for label, boxes in organ_boxes_ijk.items():
             boxes = [boxes] if _is_box3d(boxes) else boxes
@@ -157,7 +317,10 @@ class Segmenter:
                 raise InputError(f"label {label}: expected 3D boxes ([i0, j0, k0], [i1, j1, k1]), got {boxes!r}")
             boxes_zyx[label] = [view.box_from_original(lo, hi) for lo, hi in boxes]
         margin = margin_in_voxels(self.box_margin_zyx, self.in_plane_margin_mm, view.spacing_zyx)
-        return parse_organ_boxes(boxes_zyx, view.array.shape, margin)
+        static = parse_organ_boxes(boxes_zyx, view.array.shape, margin)  # validates labels and boxes
+        if self.prompting == "propagate":
+            return TrackedPrompts(box_parts(boxes_zyx, view.array.shape, margin))
+        return static
 
     def segment_nifti(self, img, organ_boxes_ijk: Mapping[int, Any], window_for_label=None,
                       return_probabilities: bool = False,
@@ -172,8 +335,9 @@ class Segmenter:
         view = AxialView.from_nifti(img)
         prompts = self.nifti_prompts(view, organ_boxes_ijk)
         if slices_for_label is not None:
-            prompts = keep_slices(prompts, slices_for_label)
-        result = self.segment_prompt_sets(view.array, {"": prompts}, window_for_label, return_probabilities)[""]
+            prompts = keep_prompt_slices(prompts, slices_for_label)
+        result = self.segment_prompt_sets(view.array, {"": prompts}, window_for_label, return_probabilities,
+                                          spacing_zyx=view.spacing_zyx)[""]
         result.view_labels = result.labels
         result.labels = view.to_original(result.labels)
         if result.probabilities is not None:
@@ -226,7 +390,8 @@ class Segmenter:
         return emb
 
     def _slice_probabilities(self, slice_hu: np.ndarray, prompts: list[tuple[str, int, Box2D]],
-                             window_of: dict[int, str]) -> dict[str, dict[int, np.ndarray]]:
+                             window_of: dict[int, str], z: int | None = None,
+                             memo: "_EmbeddingMemo | None" = None) -> dict[str, dict[int, np.ndarray]]:
         """Foreground probability per prompt set and label on one slice (max over a label's boxes)."""
         # With the cache, prompts sharing a window share one encoder pass and one decoder call;
         # without it, every organ pays its own encoder pass, as in the reference implementation.
@@ -236,7 +401,10 @@ class Segmenter:
         out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         for group in groups.values():
             window = window_of[group[0][1]]
-            emb = self.backend.encode(apply_window(slice_hu, *self.windows[window]))
+            if memo is not None and self.cache:
+                emb = memo.get(z, window)
+            else:
+                emb = self.backend.encode(apply_window(slice_hu, *self.windows[window]))
             boxes_xyxy = np.array([(x0, y0, x1, y1) for _, _, (y0, x0, y1, x1) in group], dtype=np.float32)
             probs = expit(self.backend.decode(emb, boxes_xyxy))
             for (set_name, label, _), prob in zip(group, probs):
@@ -266,3 +434,45 @@ class Segmenter:
         if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
             raise InputError("volume contains NaN or infinite values")
         return volume
+
+
+def _keep_max(per_slice: dict[int, np.ndarray], z: int, prob: np.ndarray) -> None:
+    per_slice[z] = np.maximum(per_slice[z], prob) if z in per_slice else prob
+
+
+class _EmbeddingMemo:
+    """Slice embeddings a propagation will need again (its two sweeps share slices), within a byte
+    budget: beyond it an embedding is simply computed again when needed."""
+
+    def __init__(self, segmenter: Segmenter, volume: np.ndarray, budget_bytes: float):
+        self.segmenter = segmenter
+        self.volume = volume
+        self.budget = budget_bytes
+        self.items: dict[tuple[int, str], Embedding] = {}
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _size(emb: Embedding) -> int:
+        features = getattr(emb, "features", emb)
+        if hasattr(features, "element_size"):
+            return int(features.element_size() * features.nelement())
+        return int(getattr(features, "nbytes", 0))
+
+    def get(self, z: int, window: str) -> Embedding:
+        key = (int(z), window)
+        if key in self.items:
+            return self.items[key]
+        seg = self.segmenter
+        emb = seg.backend.encode(apply_window(self.volume[z], *seg.windows[window]))
+        size = self._size(emb)
+        if self.bytes + size <= self.budget:
+            self.items[key] = emb
+            self.bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return emb
+
+    def release(self, drop) -> None:
+        """Forget the embeddings whose (z, window) key `drop` accepts."""
+        for key in [k for k in self.items if drop(k)]:
+            self.bytes -= self._size(self.items.pop(key))

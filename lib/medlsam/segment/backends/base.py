@@ -87,7 +87,6 @@ class SamFamilyBackend:
         (h0, w0), (h1, w1) = emb.original_size, emb.input_size
         return np.array([w1 / w0, h1 / h0], dtype=np.float32)
 
-    @torch.inference_mode()
     def decode(self, emb: Embedding, boxes_xyxy: np.ndarray | None = None,
                points_xy: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> np.ndarray:
         """Logits (N, H, W) float32 for N prompts decoded in one call.
@@ -95,6 +94,13 @@ class SamFamilyBackend:
         boxes_xyxy: (N, 4) inclusive pixel coordinates (x0, y0, x1, y1) on the slice.
         points_xy: (N, P, 2) pixel coordinates (x, y), with point_labels (N, P): 1 foreground, 0 background.
         """
+        return self.decode_scored(emb, boxes_xyxy, points_xy, point_labels)[0]
+
+    @torch.inference_mode()
+    def decode_scored(self, emb: Embedding, boxes_xyxy: np.ndarray | None = None,
+                      points_xy: np.ndarray | None = None,
+                      point_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like `decode`, plus the decoder's own IoU prediction per prompt: ((N, H, W) logits, (N,) scores)."""
         if boxes_xyxy is None and points_xy is None:
             raise ValueError("decode needs boxes, points or both")
         scale = self._scale_xy(emb)
@@ -116,13 +122,14 @@ class SamFamilyBackend:
             points = (torch.as_tensor(pts * scale, device=self.device),
                       torch.as_tensor(labels, device=self.device))
         if n == 0:
-            return np.zeros((0, *emb.original_size), dtype=np.float32)
+            return np.zeros((0, *emb.original_size), dtype=np.float32), np.zeros(0, np.float32)
         start = time.perf_counter()
         if points is None and self.box_decoder is not None:
-            low_res = self.box_decoder(emb.features, boxes_t).to(self.device)
+            low_res, iou = self.box_decoder(emb.features, boxes_t)
+            low_res = low_res.to(self.device)
         else:
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes_t, masks=None)
-            low_res, _ = self.mask_decoder(
+            low_res, iou = self.mask_decoder(
                 image_embeddings=emb.features,
                 image_pe=self.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
@@ -132,7 +139,7 @@ class SamFamilyBackend:
         logits = self.postprocess_logits(low_res, emb)[:, 0]
         self.decoder_calls += 1
         self.decode_seconds += time.perf_counter() - start
-        return logits.float().cpu().numpy()
+        return logits.float().cpu().numpy(), iou.reshape(n).float().cpu().numpy()
 
 
 def resize_image(tensor: torch.Tensor, size: tuple[int, int], shrink: str = "area",

@@ -44,24 +44,25 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
 
 
 class BoxDecoder(torch.nn.Module):
-    """Prompt encoder + mask decoder for box prompts only: (embedding, boxes) -> low-res logits."""
+    """Prompt encoder + mask decoder for box prompts only: (embedding, boxes) -> (low-res logits, IoU scores)."""
 
     def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
 
-    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        low_res, _ = self.mask_decoder(
+        low_res, iou = self.mask_decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
         )
-        return low_res
+        return low_res, iou
 
 
 class OnnxGraph:
-    """Callable tensors -> first output tensor, backed by an ONNX Runtime CPU session."""
+    """Callable tensors -> output tensor (a tuple of them for several outputs), backed by an ONNX Runtime
+    CPU session."""
 
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
@@ -79,12 +80,14 @@ class OnnxGraph:
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         feeds = {name: t.detach().cpu().numpy().astype(np.float32, copy=False)
                  for name, t in zip(self.input_names, tensors)}
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def cached_onnx_graph(module: torch.nn.Module, examples: Sequence[torch.Tensor], file_stem: str,
                       input_names: Sequence[str], dynamic_axes: dict | None = None,
-                      cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> OnnxGraph | None:
+                      output_names: Sequence[str] = ("output",), cache_dir: str | os.PathLike | None = None,
+                      threads: int | None = None) -> OnnxGraph | None:
     """Load `<cache>/<file_stem>-<fingerprint>-opset17.onnx`, exporting `module` first if needed.
 
     Returns None (after a warning) when onnxruntime is missing or export/verification fails.
@@ -107,13 +110,15 @@ def cached_onnx_graph(module: torch.nn.Module, examples: Sequence[torch.Tensor],
             with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the legacy exporter is deprecated but gives the fastest graph
                 torch.onnx.export(module, tuple(examples), str(tmp), dynamo=False, opset_version=OPSET,
-                                  input_names=list(input_names), output_names=["output"],
+                                  input_names=list(input_names), output_names=list(output_names),
                                   dynamic_axes=dynamic_axes)
         graph = OnnxGraph(path, threads)
         if fresh:
             with torch.no_grad():
                 expected = module(*examples)
-            error = float((graph(*examples) - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
+            got = graph(*examples)
+            pairs = zip(got, expected) if isinstance(expected, tuple) else [(got, expected)]
+            error = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) for a, b in pairs)
             if error > MAX_RELATIVE_ERROR:
                 path.unlink(missing_ok=True)
                 raise RuntimeError(f"exported graph disagrees with eager (relative error {error:.2e})")
@@ -134,12 +139,14 @@ def onnx_encoder_for(image_encoder: torch.nn.Module, name: str, image_size: int,
 def onnx_box_decoder_for(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, name: str,
                          embedding_shape: Sequence[int], image_size: int, cache_dir=None,
                          threads=None) -> OnnxGraph | None:
-    """ONNX Runtime box decoder: ((1, C, h, w) embedding, (N, 4) boxes in input pixels) -> (N, 1, s, s)."""
+    """ONNX Runtime box decoder: ((1, C, h, w) embedding, (N, 4) boxes in input pixels) -> ((N, 1, s, s) logits,
+    (N, 1) predicted IoU)."""
     gen = torch.Generator().manual_seed(0)
     embedding = torch.randn(tuple(embedding_shape), generator=gen)
     corners = torch.rand(3, 2, 2, generator=gen).sort(dim=1).values * (image_size - 1)
     boxes = corners.reshape(3, 4)  # (x0, y0, x1, y1): the sorted corner points
     return cached_onnx_graph(BoxDecoder(prompt_encoder, mask_decoder), [embedding, boxes],
-                             f"{name}-box-decoder-s{image_size}", ["embedding", "boxes"],
-                             dynamic_axes={"boxes": {0: "n"}, "output": {0: "n"}},
+                             f"{name}-box-decoder-iou-s{image_size}", ["embedding", "boxes"],
+                             dynamic_axes={"boxes": {0: "n"}, "output": {0: "n"}, "iou": {0: "n"}},
+                             output_names=("output", "iou"),
                              cache_dir=cache_dir, threads=threads)

@@ -1,0 +1,252 @@
+"""`medlsam bench --pipeline`: today's box prompts and the propagated ones, side by side, end to end.
+
+One default-preset study is localized once (MedLAM, as `/infer/medlsam` does); each prompting then
+runs in its own fresh process (so its peak RSS is its own) from that same localization: load the
+study, segment, map back. Printed and written as JSON: seconds per phase, encoder and decoder
+calls, peak RSS, Dice between the two outputs and against the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from medlsam.io import atomic_write_json, load_nifti
+
+DEFAULT_OUT = Path("runs") / "bench" / "pipeline_bench.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--pipeline (end-to-end comparison of the prompting)")
+    g.add_argument("--pipeline", action="store_true",
+                   help="compare today's box prompts with the propagated prompts end to end (load, localize, "
+                   "encode, decode, post-process) on one default-preset study")
+    g.add_argument("--dataset", type=Path, default=None,
+                   help="a `medlsam generate` folder to take the query (and, without --templates, the supports) "
+                   "from; default: generate 5 supports and one query (chest-abdomen-pelvis) into a temp folder")
+    g.add_argument("--study", default=None, help="query study id in --dataset (default: its first non-support)")
+    g.add_argument("--templates", type=Path, default=None, help="prebuilt templates (`medlsam templates`)")
+    g.add_argument("--compare", nargs="+", default=["box", "propagate"], metavar="CONFIG",
+                   help="prompting configurations to run: box, propagate, or propagate:step_mm=0,margin_mm=4 "
+                   "(default: box propagate)")
+    g.add_argument("--repeats", type=int, default=1, help="segmentations per configuration (median reported)")
+
+
+def _max_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """'propagate:step_mm=6,margin_mm=4' -> ('propagate', {'step_mm': 6.0, 'margin_mm': 4.0})."""
+    from medlsam.segment import PropagationSettings, check_prompting
+
+    prompting, _, rest = text.partition(":")
+    prompting = check_prompting(prompting)
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in PropagationSettings.__dataclass_fields__:
+            raise ValueError(f"--compare {text!r}: expected key=value with keys among "
+                             f"{', '.join(PropagationSettings.__dataclass_fields__)}")
+        options[key] = value.lower() in ("1", "true", "yes") if key == "refine_start" else float(value)
+    PropagationSettings(**options)  # validates
+    return prompting, options
+
+
+def _prepare(args, workdir: Path) -> dict:
+    """Query image/label paths, label map and a template file: from --dataset or generated."""
+    from medlsam.synthetic import LABEL_MAP, generate_study
+
+    if args.dataset is not None:
+        root = Path(args.dataset)
+        label_map = json.loads((root / "label_map.json").read_text())
+        studies = sorted(p.name[: -len(".nii.gz")] for p in (root / "studies").glob("*.nii.gz"))
+        supports = sorted(p.name[: -len(".nii.gz")] for p in (root / "studies" / "labels" / "final").glob("*.nii.gz"))
+        query = args.study or next((s for s in studies if s not in supports), None)
+        if query is None or query not in studies:
+            raise ValueError(f"no query study {args.study or ''} in {root / 'studies'}")
+        image, label = root / "studies" / f"{query}.nii.gz", root / "ground_truth" / f"{query}.nii.gz"
+        support_pairs = [(root / "studies" / f"{s}.nii.gz", root / "ground_truth" / f"{s}.nii.gz") for s in supports]
+        source = f"{root} {query}"
+    else:
+        from medlsam.io import save_nifti
+
+        label_map = dict(LABEL_MAP)
+        support_pairs = []
+        for k, seed in enumerate([args.seed + 1000 + i for i in range(5)] + [args.seed]):
+            study = generate_study(seed=seed, scan_range="chest_abdomen_pelvis")
+            paths = (workdir / f"s{seed}.nii.gz", workdir / f"s{seed}_label.nii.gz")
+            save_nifti(study.image, paths[0])
+            save_nifti(study.label, paths[1])
+            support_pairs.append(paths)
+        image, label = support_pairs.pop()
+        source = f"generated default chest_abdomen_pelvis study (seed {args.seed}), supports seeds " \
+                 f"{args.seed + 1000}..{args.seed + 1004}"
+    templates = args.templates
+    if templates is None:
+        templates = workdir / "templates.pt"
+        _build_templates(support_pairs, label_map, templates)
+    return {"image": str(image), "label": str(label), "label_map": label_map, "templates": str(templates),
+            "source": source}
+
+
+def _build_templates(pairs, label_map, path: Path) -> None:
+    from medlsam.medlam.patches import PatchEmbedder
+    from medlsam.medlam.templates import TemplateSet, compute_support
+    from medlsam.paths import default_medlam_checkpoint
+
+    embedder = PatchEmbedder.from_checkpoint(default_medlam_checkpoint(), "cpu")
+    templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict(), max_supports=len(pairs))
+    for image, label in pairs:
+        templates.add(compute_support(embedder, load_nifti(image), load_nifti(label, what="label"), label_map,
+                                      Path(image).name, organs=list(label_map)), label_map)
+    templates.save(path)
+
+
+def _localize(task: dict) -> dict:
+    """Child process: load the study and localize every organ with templates (WPL, seed 0)."""
+    from medlsam.medlam.localizer import Localizer
+    from medlsam.medlam.patches import PatchEmbedder
+    from medlsam.medlam.templates import TemplateSet
+    from medlsam.paths import default_medlam_checkpoint
+
+    embedder = PatchEmbedder.from_checkpoint(default_medlam_checkpoint(), "cpu")
+    localizer = Localizer(embedder, TemplateSet.load(task["templates"], expected_fingerprint=embedder.fingerprint))
+    t0 = time.perf_counter()
+    image = load_nifti(task["image"])
+    t1 = time.perf_counter()
+    localization = localizer.localize(image, mode="WPL", seed=0, name="bench")
+    t2 = time.perf_counter()
+    return {"localization": localization.to_json(), "load_s": round(t1 - t0, 3), "localize_s": round(t2 - t1, 3),
+            "max_rss_mb": _max_rss_mb()}
+
+
+def _segment(task: dict) -> dict:
+    """Child process: load the study and segment the given localization with one prompting config."""
+    import torch
+
+    from medlsam.localization import StudyLocalization
+    from medlsam.pipeline import segment_localization
+    from medlsam.segment import PropagationSettings, Segmenter, build_backend
+
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
+    backend = build_backend("litemedsam", accelerate=True, threads=task.get("threads"))
+    backend.encode(np.zeros((64, 64), np.float32))  # warm-up (the server keeps its backend warm)
+    segmenter = Segmenter(backend, in_plane_margin_mm=8.0, progress=False, prompting=task["prompting"],
+                          propagation=PropagationSettings(**task["options"]))
+    localization = StudyLocalization.from_json(task["localization"])
+    runs = []
+    for _ in range(task["repeats"]):
+        backend.reset_counters()
+        t0 = time.perf_counter()
+        image = load_nifti(task["image"])
+        t1 = time.perf_counter()
+        result = segment_localization(image, localization, segmenter)
+        t2 = time.perf_counter()
+        stats = result.stats
+        segment_s = t2 - t1
+        runs.append({
+            "load_s": round(t1 - t0, 3),
+            "encode_s": round(stats["encode_seconds"], 3),
+            "decode_s": round(stats["decode_seconds"], 3),
+            "post_s": round(segment_s - stats["encode_seconds"] - stats["decode_seconds"], 3),
+            "segment_s": round(segment_s, 3),
+            "encoder_calls": int(stats["encoder_calls"]),
+            "decoder_calls": int(stats["decoder_calls"]),
+            "slices": int(stats["slices"]),
+        })
+    np.save(task["out"], result.labels)
+    return {"runs": runs, "max_rss_mb": _max_rss_mb(), "stats": {k: v for k, v in result.stats.items()
+                                                                  if isinstance(v, (int, float, str, bool))}}
+
+
+def _in_child(fn, task):
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, task).result()
+
+
+def run(args: argparse.Namespace) -> int:
+    from medlsam.segment import dice
+
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    configs = [parse_config(c) for c in args.compare]
+    names = list(dict.fromkeys(args.compare))
+    with tempfile.TemporaryDirectory(prefix="medlsam-bench-") as tmp:
+        work = Path(tmp)
+        data = _prepare(args, work)
+        print(f"{data['source']}; {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+              flush=True)
+        loc = _in_child(_localize, {"image": data["image"], "templates": data["templates"]})
+        n_present = sum(1 for o in loc["localization"]["organs"].values() if o["present"])
+        print(f"localized {n_present} present organs in {loc['localize_s']:.1f} s (load {loc['load_s']:.1f} s)",
+              flush=True)
+        results = {}
+        for name, (prompting, options) in zip(names, configs):
+            out = work / f"{len(results)}.npy"
+            task = {"image": data["image"], "localization": loc["localization"], "prompting": prompting,
+                    "options": options, "repeats": args.repeats, "out": str(out), "threads": args.threads}
+            print(f"segmenting: {name}", flush=True)
+            results[name] = _in_child(_segment, task)
+            results[name]["labels"] = np.load(out)
+        truth = np.asarray(load_nifti(data["label"], what="label").dataobj).astype(np.int32)
+
+    organs = {n: o["id"] for n, o in loc["localization"]["organs"].items() if o["present"]}
+    in_truth = {n: i for n, i in organs.items() if (truth == i).any()}
+    report = {"source": data["source"], "cpu_count": os.cpu_count(), "threads": args.threads,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": args.repeats,
+              "localize": {k: loc[k] for k in ("load_s", "localize_s", "max_rss_mb")}, "organs": len(organs),
+              "configs": {}}
+    for name, r in results.items():
+        median = {k: statistics.median(run[k] for run in r["runs"]) for k in r["runs"][0]}
+        median["end_to_end_s"] = round(median["load_s"] + loc["localize_s"] + median["segment_s"], 3)
+        gt = {n: round(dice(r["labels"] == i, truth == i), 4) for n, i in in_truth.items()}
+        report["configs"][name] = {**median, "max_rss_mb": r["max_rss_mb"], "stats": r["stats"],
+                                   "dice_vs_truth": gt, "mean_dice_vs_truth": round(float(np.mean(list(gt.values()))), 4)
+                                   if gt else None}
+    first = names[0]
+    for name in names[1:]:
+        report["configs"][name][f"dice_vs_{first}"] = {
+            n: round(dice(results[name]["labels"] == i, results[first]["labels"] == i), 4) for n, i in organs.items()}
+    print_pipeline_report(report, names)
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_pipeline_report(r: dict, names: list[str]) -> None:
+    c = r["configs"]
+    print()
+    print(f"{r['organs']} organs localized; median of {r['repeats']} run(s) per configuration")
+    rows = [("", *names)]
+    for key, label in (("load_s", "load (s)"), (None, "localize (s)"), ("encode_s", "encode (s)"),
+                       ("decode_s", "decode (s)"), ("post_s", "post-process (s)"), ("segment_s", "segment total (s)"),
+                       ("end_to_end_s", "end to end (s)"), ("encoder_calls", "encoder calls"),
+                       ("decoder_calls", "decoder calls"), ("slices", "slices encoded"),
+                       ("max_rss_mb", "peak RSS (MB)"), ("mean_dice_vs_truth", "mean Dice vs truth")):
+        values = [r["localize"]["localize_s"] if key is None else c[n][key] for n in names]
+        rows.append((label, *values))
+    width = max(16, *(len(n) + 2 for n in names))
+    for row in rows:
+        print(f"  {row[0]:20s}" + "".join(f"{str(v):>{width}s}" for v in row[1:]))
+    first = names[0]
+    for name in names[1:]:
+        d = c[name][f"dice_vs_{first}"]
+        print(f"  Dice {name} vs {first}: mean {np.mean(list(d.values())):.3f} (min {min(d.values()):.3f})")
+    print("  Dice vs truth per organ:")
+    organs = list(c[names[0]]["dice_vs_truth"])
+    for organ in organs:
+        print(f"    {organ:20s}" + "".join(f"{c[n]['dice_vs_truth'][organ]:>{width}.3f}" for n in names))
