@@ -21,7 +21,7 @@ from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import write_sample_dataset
 from server_process import running_server, wait_for_templates
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = pytest.mark.server  # runs in CI (`make test`): the core HTTP contract
 
 N_STUDIES, N_SUPPORTS = 6, 3
 UNANNOTATED = "gallbladder"
