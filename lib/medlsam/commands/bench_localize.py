@@ -22,6 +22,8 @@ from pathlib import Path
 DEFAULT_OUT = Path("runs") / "bench" / "localization_bench.json"
 DEFAULT_DATA = Path("runs") / "bench" / "localization_data"
 PHASES = ("load", "templates", "localize_wpl", "localize_spl")
+# An SPL interval longer than any organ: one part per organ, whose points are the WPL points.
+WPL_ONLY_SPL_INTERVAL_MM = 1e6
 OFFICIAL_LAYOUT = {"base_channels": 24, "patch_size": (64, 64, 64), "spacing_mm": (3.0, 3.0, 3.0)}
 
 
@@ -48,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--official-supports", type=int, default=None,
                    help="build the official layout's templates from only the first N supports (its CPU "
                    "cost is ~80x the demo's per patch; peak memory does not depend on N)")
+    p.add_argument("--official-wpl-only", action="store_true",
+                   help="build the official layout's templates without SPL sub-parts (each organ one part, "
+                   "about 3x fewer patches; WPL localization is unaffected, its SPL phase is skipped)")
     p.add_argument("--layouts", nargs="+", choices=["demo", "official"], default=["demo", "official"])
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     p.add_argument("--organs", nargs="*", default=None, help="organ names (default: every organ of the supports)")
@@ -143,20 +148,23 @@ def run(args: argparse.Namespace) -> int:
     }
     for layout in args.layouts:
         used = supports[: args.official_supports] if layout == "official" and args.official_supports else supports
+        wpl_only = layout == "official" and args.official_wpl_only
+        phases_run = [p for p in args.phases if not (wpl_only and p == "localize_spl")]
         runs = {}
         for precision in args.precisions:
             templates = work / f"templates_{layout}_{precision}.pt"
             base = {"checkpoint": str(checkpoints[layout]), "device": args.device, "batch_size": args.batch_size,
                     "precision": precision, "threads": args.threads, "templates": str(templates),
-                    "organs": args.organs, "supports": [[str(i), str(l)] for i, l in used], "query": str(query)}
+                    "organs": args.organs, "supports": [[str(i), str(l)] for i, l in used], "query": str(query),
+                    "spl_interval_mm": WPL_ONLY_SPL_INTERVAL_MM if wpl_only else None}
             phases = {}
-            for phase in args.phases:
+            for phase in phases_run:
                 print(f"[{layout} {precision}] {phase} ...", flush=True)
                 phases[phase] = run_phase({**base, "phase": phase}, args.threads, args.library)
                 print(f"[{layout} {precision}] {phase}: {_summary(phases[phase])}", flush=True)
             runs[precision] = phases
         report["layouts"][layout] = {"checkpoint": str(checkpoints[layout]), "supports": len(used), "runs": runs,
-                                     "box_agreement": box_agreement(runs)}
+                                     "wpl_only_templates": wpl_only, "box_agreement": box_agreement(runs)}
     print_report(report)
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
@@ -223,11 +231,12 @@ def phase_worker(spec_path: Path, result_path: Path) -> int:
         if phase == "templates":
             start, cpu_start = time.perf_counter(), _cpu_seconds()  # not the weights' loading
             rss_before = _peak_rss_mb()
-            templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict())
+            spl = {"spl_interval_mm": spec["spl_interval_mm"]} if spec.get("spl_interval_mm") else {}
+            templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict(), **spl)
             for image_path, label_path in spec["supports"]:
                 image, label = load_nifti(image_path), load_nifti(label_path, what="label")
                 templates.add(compute_support(embedder, image, label, dict(LABEL_MAP), Path(image_path).name.split(".")[0],
-                                              organs=spec.get("organs")), dict(LABEL_MAP))
+                                              organs=spec.get("organs"), **spl), dict(LABEL_MAP))
             templates.save(spec["templates"])
             extra.update(organs=len(templates.organs), points=_template_points(templates))
         else:
@@ -302,7 +311,8 @@ def print_report(r: dict) -> None:
           f"{r['threads']} threads, OMP_WAIT_POLICY={r.get('omp_wait_policy')}; {len(r['supports'])} supports, "
           f"query {Path(r['query']).name}")
     for layout, entry in r["layouts"].items():
-        print(f"  {layout}: {entry['checkpoint']}, templates from {entry['supports']} supports")
+        wpl_only = " (WPL points only)" if entry.get("wpl_only_templates") else ""
+        print(f"  {layout}: {entry['checkpoint']}, templates from {entry['supports']} supports{wpl_only}")
     print(f"  {'layout':9s} {'precision':9s} {'phase':13s} {'seconds':>8s} {'CPU s':>8s} {'peak RSS MB':>12s} "
           f"{'forward':>8s} {'batch':>6s} {'load avg':>9s}")
     for layout, entry in r["layouts"].items():
