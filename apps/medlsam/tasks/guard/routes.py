@@ -217,7 +217,10 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             suffix = ids.upload_suffix(label.filename)
             with saved_upload(label, suffix, settings.max_upload_bytes, "label") as path, queue.slot("saving a label"):
                 if suffix.endswith((".nii", ".nii.gz", ".nrrd")):  # a declared size over the cap: refused unread
-                    check_image_header(path, settings.max_voxels, "label")
+                    try:
+                        check_image_header(path, settings.max_voxels, "label")
+                    except InputError as exc:
+                        raise InputError(f"label rejected: {exc}") from None
                 label_id = d.save_label(image, str(path), tag, info)
                 result = app.on_save_label(image, label_id) or {}
         result.update({"image": image, "label": label_id})

@@ -120,6 +120,13 @@ def nrrd_shape(path: Path) -> tuple[int, ...]:
 
 def check_image_header(path: Path, max_voxels: int, what: str = "image") -> tuple[int, ...]:
     """Refuse an image whose header is unreadable or declares more than `max_voxels`, without its data."""
+    try:
+        return _check_image_header(path, max_voxels, what)
+    except InputError as exc:  # the server's temporary file name means nothing to the client
+        raise InputError(str(exc).replace(str(path), "the upload").replace(path.name, "upload")) from None
+
+
+def _check_image_header(path: Path, max_voxels: int, what: str) -> tuple[int, ...]:
     if path.name.endswith(".nrrd"):
         shape = nrrd_shape(path)
         if int(np.prod(shape, dtype=np.float64)) > max_voxels:
