@@ -7,13 +7,15 @@ DATA   ?= sample-datasets
 STUDIES = $(DATA)/studies
 DATASTORE ?= local
 ORTHANC_PORT ?= 8042
+# real CT test files (TotalSegmentator's sdist, fetched at test set-up only, never by the server)
+REFERENCE_CT ?= build/reference_ct
 BIN     = $(VENV)/bin
 # 2 shared cores: never let OpenMP threads spin-wait (METHOD section 7).
 export OMP_WAIT_POLICY ?= PASSIVE
 # monailabel's launcher runs `python -m monailabel.main`: the venv must be first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: serve test install sample-data dicomweb-deps
+.PHONY: serve test install sample-data dicomweb-deps reference-ct
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,12 @@ $(DATA)/.ready: $(VENV)/.installed
 	$(BIN)/medlsam generate --out $(DATA) --count 12 --supports 5 --preset default --seed 0
 	@touch $@
 
+# Real CT studies with reference segmentations for tests/test_registration.py (skipped once fetched).
+reference-ct: $(REFERENCE_CT)/.fetched.json
+
+$(REFERENCE_CT)/.fetched.json: | $(VENV)/.installed
+	$(BIN)/python scripts/fetch_reference_ct.py --out $(REFERENCE_CT) --quiet
+
 # DICOMweb mode (docs/DICOMWEB.md): Orthanc + DICOMweb plugin, Chromium (apt), playwright-core (npm),
 # dcmqi (PyPI); each is skipped when already installed.
 dicomweb-deps: install
@@ -45,5 +53,5 @@ serve: install sample-data
 	$(BIN)/monailabel start_server --app apps/medlsam --studies $(STUDIES) --host $(HOST) --port $(PORT)
 endif
 
-test: install sample-data dicomweb-deps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: install sample-data dicomweb-deps reference-ct
+	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
