@@ -89,7 +89,7 @@ def infer(url: str, query: str, localizer: str, out: Path) -> tuple[int, dict, n
     except MONAILabelClientException as exc:
         # the client's exception carries the status only in its message ("Status: 422; Response: ...")
         text = str(exc.msg)
-        status = exc.status_code or int(text.split("Status: ")[1].split(";")[0]) if "Status: " in text else 0
+        status = exc.status_code or (int(text.split("Status: ")[1].split(";")[0]) if "Status: " in text else 0)
         return status, {"detail": text[:300]}, None, time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     return 200, meta, np.asanyarray(nib.load(label_file).dataobj), seconds
