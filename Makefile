@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # monailabel's launcher runs `python -m monailabel.main`: the venv must be first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: serve test install sample-data dicomweb-deps reference-ct
+.PHONY: serve test test-all install sample-data dicomweb-deps reference-ct
 
 install: $(VENV)/.installed
 
@@ -53,5 +53,11 @@ serve: install sample-data
 	$(BIN)/monailabel start_server --app apps/medlsam --studies $(STUDIES) --host $(HOST) --port $(PORT)
 endif
 
-test: install sample-data dicomweb-deps reference-ct
-	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# CI's suite: every test except those marked `slow` (the DICOMweb/OHIF browser run, fuzzing, kill-and-
+# restart, Ray, benchmarks' smoke runs); under 30 min on a clean 2-core machine. `make test-all` runs all.
+# Both fetch the real CT test files first (once; tests/test_registration.py).
+test: install dicomweb-deps reference-ct
+	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+test-all: install dicomweb-deps reference-ct
+	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)

@@ -326,24 +326,30 @@ def test_batch_infer_endpoint_on_the_datastore(dataset, sequential, tmp_path):
     queries = [r.study_id for r in datastore_studies(studies)]
     with running_server(studies, conf, log_path=tmp_path / "server.log") as url:
         wait_for_templates(url)
-        bad = httpx.post(f"{url}/batch/infer/medlsam?run_sync=true", json={"images": ["nope"]}, timeout=60)
-        assert bad.status_code == 404 and "nope" in bad.text
-        # a list of ids, synchronously
-        first = httpx.post(f"{url}/batch/infer/medlsam?run_sync=true", timeout=900,
-                           json={"images": queries[:1], "organs": ORGANS, "output": str(out)})
-        assert first.status_code == 200, first.text
-        assert first.json()["ok"] == 1
-        # all unlabeled studies, as MONAI Label runs it: a background task; the first is skipped
-        started = httpx.post(f"{url}/batch/infer/medlsam?images=unlabeled", timeout=60,
-                             json={"organs": ORGANS, "output": str(out)})
-        assert started.status_code == 200, started.text
-        deadline = time.monotonic() + 1200
-        while True:
-            task = httpx.get(f"{url}/batch/infer", timeout=30).json()
-            if task["status"] in ("DONE", "ERROR"):
-                break
-            assert time.monotonic() < deadline, "batch task did not finish"
-            time.sleep(2)
+        # refused before anything starts: unknown study, unknown organ, a synchronous run
+        bad = httpx.post(f"{url}/batch/infer/medlsam", json={"images": ["nope"]}, timeout=60)
+        assert bad.status_code == 404 and "nope" in bad.text, bad.text
+        bad = httpx.post(f"{url}/batch/infer/medlsam", json={"images": queries[:1], "organs": ["brain"]}, timeout=60)
+        assert bad.status_code == 422 and "brain" in bad.text, bad.text
+        bad = httpx.post(f"{url}/batch/infer/medlsam?run_sync=true", json={"images": queries[:1]}, timeout=60)
+        assert bad.status_code == 422 and "run_sync" in bad.text, bad.text
+
+        def run_task(**request):
+            started = httpx.post(f"{url}/batch/infer/medlsam", timeout=60, **request)
+            assert started.status_code == 200, started.text
+            deadline = time.monotonic() + 1200
+            while True:
+                task = httpx.get(f"{url}/batch/infer", timeout=30).json()
+                if task["status"] in ("DONE", "ERROR"):
+                    return task
+                assert time.monotonic() < deadline, "batch task did not finish"
+                time.sleep(2)
+
+        # a list of ids, then all unlabeled studies as MONAI Label runs it: the first study is skipped
+        task = run_task(json={"images": queries[:1], "organs": ORGANS, "output": str(out)})
+        assert task["status"] == "DONE", task
+        assert [r["study_id"] for r in BatchOutput(out).csv_rows()] == queries[:1]
+        task = run_task(params={"images": "unlabeled"}, json={"organs": ORGANS, "output": str(out)})
         assert task["status"] == "DONE", task
         datastore = httpx.get(f"{url}/datastore/?output=all", timeout=30).json()
     rows = BatchOutput(out).csv_rows()

@@ -27,7 +27,7 @@ from medlsam.paths import DEMO_MEDLAM
 from medlsam.synthetic import LABEL_MAP, write_sample_dataset
 from server_process import running_server, wait_for_templates
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = pytest.mark.server  # runs in CI: the 3D Slicer and OHIF requests, replayed
 
 ORGANS = ("liver", "spleen", "kidney_left")  # the supports annotate these only (keeps templates cheap)
 SPARSE = {name: 10 * i for name, i in LABEL_MAP.items()}  # liver 10, spleen 20, kidney_left 30, ...

@@ -393,7 +393,7 @@ def test_next_sample_gives_ohif_the_series_and_study_uids(server, dataset):
 BAD = [("unknown series", "1.2.3.4.5.6.7.8.9", 404, "not found in the PACS"),
        ("non-CT series", "MR", 422, "modality MR"),
        ("a SEG series as image", "SEG", 422, "modality SEG"),
-       ("path escape", "../../../etc/passwd", 404, "not found")]
+       ("path escape", "../../../etc/passwd", 404, "is not a study of this datastore")]
 
 
 @pytest.mark.server

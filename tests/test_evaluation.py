@@ -463,7 +463,7 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
 
     monkeypatch.setattr(eval_command, "build_backends", lambda names, ck, args: {n: BoxFiller() for n in names})
     out = tmp_path / "run"
-    both = ("--localization", "medlam", "medlam_box", "manual")  # MedLAM boxes propagated and as boxes
+    both = ("--localization", "medlam", "medlam_box", "manual", "--prompting", "propagate")  # MedLAM boxes two ways
     assert cli.main(_eval_args(dataset, out, *both)) == 0
     printed = capsys.readouterr().out
     assert "| liver |" in printed and "Box IoU" in printed

@@ -159,7 +159,7 @@ def test_helpers_and_settings():
     assert parts == {3: [BoxPart((0, 7, 7), (7, 23, 23), 4)]}
     assert PropagationSettings(step_mm=10).step_slices(2.5) == 4 and PropagationSettings().step_slices(2.5) == 1
     assert PropagationSettings(margin_mm=4).margin_px((3.0, 2.0, 0.8)) == (2, 5)
-    assert check_prompting(None) == "propagate" and check_prompting("BOX") == "box"
+    assert check_prompting(None) == "box" and check_prompting("PROPAGATE") == "propagate"
     for bad in ({"margin_mm": -1}, {"min_score": 1.5}, {"step_mm": float("nan")}):
         with pytest.raises(ValueError, match="propagation"):
             PropagationSettings(**bad)

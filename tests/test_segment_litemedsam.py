@@ -138,7 +138,7 @@ def test_segment_command_errors_are_clear(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     boxes.write_text(json.dumps({"organs": {"liver": {"id": 1, "present": True, "box_voxel": [[0, 0], [1, 1]]}}}))
     assert cli_main(["segment", image, str(boxes), "-o", out]) == 2
-    assert "no valid box_voxel" in capsys.readouterr().err
+    assert "organ 'liver': box_voxel must be [[i0, j0, k0], [i1, j1, k1]]" in capsys.readouterr().err
     boxes.write_text(json.dumps({"organs": {"liver": {"id": 1, "present": True, "box_voxel": [[0, 0, 0], [9, 9, 2]]}}}))
     assert cli_main(["segment", image, str(boxes), "-o", out, "--organs", "spleen"]) == 2
     assert "unknown organ" in capsys.readouterr().err

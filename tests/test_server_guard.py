@@ -436,7 +436,8 @@ def test_5_info_answers_within_a_second_while_an_all_organ_infer_runs(server):
     assert 503 in codes and 200 in codes, [a.text[:200] for a in answers]
     busy = next(a for a in answers if a.status_code == 503)
     assert int(busy.headers["Retry-After"]) > 0 and "busy" in busy.json()["detail"]
-    count(busy)
+    TALLY["tried"] += 1  # the designed answer of a full queue (503 + Retry-After), not a server fault
+    TALLY["busy_503"] = TALLY.get("busy_503", 0) + 1
 
 
 # --- a bounded schemathesis run over the app's own endpoints: no 5xx -----------------------------------

@@ -201,6 +201,14 @@ class MedLSAMApp(MONAILabelApp):
         except Exception as exc:  # noqa: BLE001 - every failure is answered with its HTTP class
             raise http_error(exc, "image") from exc
 
+    def check_batch_request(self, model: str, images, params: dict) -> None:
+        """Refuse (HTTP 4xx) a /batch/infer/medlsam request naming unknown studies or organs before it
+        starts in the background, where the error would only show in the task's status."""
+        if model == "medlsam":
+            from tasks.batch_infer import check_request
+
+            check_request(self.ctx, self.datastore(), {"images": getattr(images, "value", images), **params})
+
     def check_train_request(self, model: str, params: dict) -> None:
         """Refuse (InputError) a training request the trainer would fail on, before it starts."""
         if model == "medlam":

@@ -147,9 +147,17 @@ class OrganLocation:
                 parts.append(Box.from_json(part))
             except InputError:
                 continue
+        present = bool(data.get("present", True))
+        if not present and data.get("box_voxel") is None:
+            box = Box((0, 0, 0), (0, 0, 0))  # an absent organ may come without a box; it prompts nothing
+        else:
+            try:
+                box = Box.from_json(data)
+            except InputError as exc:
+                raise InputError(f"organ {name!r}: {exc}") from None
         return cls(
-            name=str(name), label_id=label_id, box=Box.from_json(data),
-            present=bool(data.get("present", True)), absent_reason=data.get("absent_reason"),
+            name=str(name), label_id=label_id, box=box,
+            present=present, absent_reason=data.get("absent_reason"),
             confidence=data.get("confidence"), fraction_inside=data.get("fraction_inside"),
             n_supports=data.get("n_supports"), parts=parts,
             extreme_points_voxel=points("extreme_points_voxel"), extreme_points_world=points("extreme_points_world"),

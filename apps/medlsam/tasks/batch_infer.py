@@ -54,6 +54,34 @@ class _LockedProcessor:
             return self.processor.process(ref, attempt)
 
 
+def select_images(request: dict, datastore) -> list[str]:
+    """The study ids a batch request names: "unlabeled", "labeled", "all" or a list (unknown ids: 404)."""
+    images = request.get("images", "all")
+    if isinstance(images, str) and images in ("unlabeled", "labeled", "all"):
+        if images == "unlabeled":
+            return datastore.get_unlabeled_images(FINAL)
+        if images == "labeled":
+            return datastore.get_labeled_images(FINAL)
+        return datastore.list_images()
+    if isinstance(images, str):
+        images = [i for i in images.split(",") if i.strip()]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise bad_request(f"images must be 'unlabeled', 'labeled', 'all' or a list of image ids, got {images!r}")
+    known = set(datastore.list_images())
+    unknown = [i for i in images if i not in known]
+    if unknown:
+        raise bad_request(f"image(s) not in the datastore: {', '.join(unknown[:5])}", 404)
+    return images
+
+
+def check_request(ctx: MedLSAMContext, datastore, request: dict) -> None:
+    """The checks a batch request must pass before it starts: known images, organs and mode."""
+    with request_errors("batch medlsam"):
+        select_images(request, datastore)
+        ctx.label_map.resolve_all(organs_param(request.get("organs")))
+        mode_param(request.get("mode"), ctx.settings.mode)
+
+
 def default_output(ctx: MedLSAMContext) -> Path:
     """<model_dir>/batch/<name of the template store>: one folder per datastore, beside its templates."""
     return Path(ctx.settings.model_dir) / "batch" / Path(ctx.settings.template_store).stem
@@ -64,22 +92,7 @@ class MedLSAMBatchInfer(BatchInferTask):
         self.ctx = ctx
 
     def get_images(self, request, datastore):
-        images = request.get("images", "all")
-        if isinstance(images, str) and images in ("unlabeled", "labeled", "all"):
-            if images == "unlabeled":
-                return datastore.get_unlabeled_images(FINAL)
-            if images == "labeled":
-                return datastore.get_labeled_images(FINAL)
-            return datastore.list_images()
-        if isinstance(images, str):
-            images = [i for i in images.split(",") if i.strip()]
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise bad_request(f"images must be 'unlabeled', 'labeled', 'all' or a list of image ids, got {images!r}")
-        known = set(datastore.list_images())
-        unknown = [i for i in images if i not in known]
-        if unknown:
-            raise bad_request(f"image(s) not in the datastore: {', '.join(unknown[:5])}", 404)
-        return images
+        return select_images(request, datastore)
 
     def __call__(self, request, datastore, infer):
         if request.get("model") != MODEL:

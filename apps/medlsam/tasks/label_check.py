@@ -90,8 +90,10 @@ class FinalLabelCheck:
             image_shape, image_affine = image_geometry(image_file)
             _check_declared_shape(label_file, image_shape, image_id)  # before any voxel is decompressed
             data, affine, segments = _read_voxels(label_file)
-        except ValueError as exc:
-            raise InputError(f"label rejected: {exc}") from exc
+        except (ValueError, InputError) as exc:
+            # the upload's file name is the server's temporary name: meaningless to the client
+            message = str(exc).replace(os.path.basename(label_file), "upload")
+            raise InputError(f"label rejected: {message}") from exc
         if not np.allclose(affine, image_affine, atol=1e-3):
             raise InputError(f"label rejected: its affine differs from the affine of image {image_id!r} "
                              "(save the label on the image's own grid)")

@@ -14,7 +14,9 @@ from medlsam.errors import ConfigurationError
 from medlsam.labels import LabelMap
 from medlsam.medlam.patches import PRECISIONS
 from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolve_model_dir
-from medlsam.segment import DEFAULT_IN_PLANE_MARGIN_MM, PropagationSettings, check_prompting, parse_margin_mm
+from medlsam.segment import (
+    DEFAULT_IN_PLANE_MARGIN_MM, DEFAULT_PROMPTING, PropagationSettings, check_prompting, parse_margin_mm,
+)
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
@@ -40,7 +42,7 @@ class AppSettings:
     template_wait_s: float = 30.0  # longest a request waits for a template update before HTTP 409
     medlam_batch_size: int | None = None  # MedLAM patches per forward pass; None: by device and network size
     medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
-    prompting: str = "propagate"  # per-slice prompts follow the organ; "box": the 3D box on every slice
+    prompting: str = DEFAULT_PROMPTING  # "box": the 3D box on every slice; "propagate": prompts follow the organ
     propagation: PropagationSettings = PropagationSettings()
     localizer: str = "auto"  # medlam | registration | auto (tasks/localizers.py)
     medlam_configured: bool = False  # `--conf medlam_checkpoint` given: the user chose MedLAM weights
@@ -101,7 +103,7 @@ class AppSettings:
             template_wait_s=template_wait_s,
             medlam_batch_size=batch_size,
             medlam_precision=precision,
-            prompting=check_prompting(conf.get("prompting", "propagate")),
+            prompting=check_prompting(conf.get("prompting")),
             propagation=PropagationSettings(step_mm=_float(conf, "step_mm", PropagationSettings().step_mm)),
             localizer=localizer,
             medlam_configured=bool(conf.get("medlam_checkpoint")),

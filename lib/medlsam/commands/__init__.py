@@ -14,13 +14,13 @@ def add_box_margin_options(parser) -> None:
 
 def add_prompting_options(parser) -> None:
     """`--prompting` and the propagation settings, shared by `segment` and `eval` (defaults: the app's)."""
-    from medlsam.segment import PROMPTING, PropagationSettings
+    from medlsam.segment import DEFAULT_PROMPTING, PROMPTING, PropagationSettings
 
     defaults = PropagationSettings()
-    parser.add_argument("--prompting", choices=PROMPTING, default="propagate",
-                        help="propagate (default): each slice's box prompt follows the organ from a start slice "
-                        "and stops where it ends; box: every slice of a 3D box gets its whole in-plane extent "
-                        "(the paper's way)")
+    parser.add_argument("--prompting", choices=PROMPTING, default=DEFAULT_PROMPTING,
+                        help="box (default): every slice of a 3D box gets its whole in-plane extent (the paper's "
+                        "way); propagate (experimental): each slice's box prompt follows the organ from a start "
+                        "slice and stops where it ends")
     parser.add_argument("--step-mm", type=float, default=defaults.step_mm, metavar="MM",
                         help="propagate: segment key slices about this far apart and interpolate between them "
                         "(default %(default)s; 0 = every slice)")

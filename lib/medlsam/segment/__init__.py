@@ -2,7 +2,7 @@
 
 from .backends import BACKENDS, SamBackend, LiteMedSAMBackend, build_backend, build_sam_model
 from .postprocess import dice, keep_largest_component
-from .propagation import PROMPTING, PropagationSettings, TrackedPrompts, check_prompting
+from .propagation import DEFAULT_PROMPTING, PROMPTING, PropagationSettings, TrackedPrompts, check_prompting
 from .segmenter import SegmentationResult, Segmenter, SliceResult
 from .slice_boxes import (
     DEFAULT_IN_PLANE_MARGIN_MM,
@@ -17,7 +17,7 @@ from .slice_boxes import (
 from .windows import DEFAULT_WINDOWS, apply_window, window_for_organ_name
 
 __all__ = [
-    "BACKENDS", "DEFAULT_IN_PLANE_MARGIN_MM", "DEFAULT_WINDOWS", "LiteMedSAMBackend", "PAPER_MARGIN_ZYX", "PROMPTING",
+    "BACKENDS", "DEFAULT_IN_PLANE_MARGIN_MM", "DEFAULT_PROMPTING", "DEFAULT_WINDOWS", "LiteMedSAMBackend", "PAPER_MARGIN_ZYX", "PROMPTING",
     "PropagationSettings", "SamBackend", "TrackedPrompts", "check_prompting",
     "SegmentationResult", "Segmenter", "SliceResult", "apply_window", "boxes_from_labels", "build_backend",
     "build_sam_model", "dice", "keep_largest_component", "margin_in_voxels", "parse_margin_mm", "parse_organ_boxes",

@@ -27,11 +27,14 @@ from medlsam.errors import InputError
 from .slice_boxes import Box2D
 
 PROMPTING = ("propagate", "box")
+# "box" until propagation measures better on held-out studies (on the tiny test study it lost:
+# liver Dice 0.14 against 0.50 with the box on every slice)
+DEFAULT_PROMPTING = "box"
 
 
 def check_prompting(value) -> str:
-    """'propagate' (default) or 'box' (one copy of the 3D box's in-plane extent per slice)."""
-    text = str(value or "propagate").strip().lower()
+    """'box' (default: one copy of the 3D box's in-plane extent per slice) or 'propagate'."""
+    text = str(value or DEFAULT_PROMPTING).strip().lower()
     if text not in PROMPTING:
         raise InputError(f"prompting must be one of {', '.join(PROMPTING)}, got {value!r}")
     return text

@@ -498,6 +498,9 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             _known("models", model)
             _no_sync(run_sync, "batch inference")
             check_finite(params or {}, "params")
+            check = getattr(app, "check_batch_request", None)
+            if check is not None:
+                check(model, images, params or {})
             return run(model, images, params, False)
 
     @router.get("/logs/gpu", tags=["Logs"], summary="Get GPU Info (nvidia-smi)")
