@@ -7,13 +7,15 @@ DATA   ?= sample-datasets
 STUDIES = $(DATA)/studies
 DATASTORE ?= local
 ORTHANC_PORT ?= 8042
+# real CT test files (TotalSegmentator's sdist, fetched at test set-up only, never by the server)
+REFERENCE_CT ?= build/reference_ct
 BIN     = $(VENV)/bin
 # 2 shared cores: never let OpenMP threads spin-wait (METHOD section 7).
 export OMP_WAIT_POLICY ?= PASSIVE
 # monailabel's launcher runs `python -m monailabel.main`: the venv must be first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: serve test test-all install sample-data dicomweb-deps
+.PHONY: serve test test-all install sample-data dicomweb-deps reference-ct
 
 install: $(VENV)/.installed
 
@@ -29,6 +31,12 @@ sample-data: $(DATA)/.ready
 $(DATA)/.ready: $(VENV)/.installed
 	$(BIN)/medlsam generate --out $(DATA) --count 12 --supports 5 --preset default --seed 0
 	@touch $@
+
+# Real CT studies with reference segmentations for tests/test_registration.py (skipped once fetched).
+reference-ct: $(REFERENCE_CT)/.fetched.json
+
+$(REFERENCE_CT)/.fetched.json: | $(VENV)/.installed
+	$(BIN)/python scripts/fetch_reference_ct.py --out $(REFERENCE_CT) --quiet
 
 # DICOMweb mode (docs/DICOMWEB.md): Orthanc + DICOMweb plugin, Chromium (apt), playwright-core (npm),
 # dcmqi (PyPI); each is skipped when already installed.
@@ -47,8 +55,9 @@ endif
 
 # CI's suite: every test except those marked `slow` (the DICOMweb/OHIF browser run, fuzzing, kill-and-
 # restart, Ray, benchmarks' smoke runs); under 30 min on a clean 2-core machine. `make test-all` runs all.
-test: install dicomweb-deps
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
+# Both fetch the real CT test files first (once; tests/test_registration.py).
+test: install dicomweb-deps reference-ct
+	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
-test-all: install dicomweb-deps
-	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+test-all: install dicomweb-deps reference-ct
+	MEDLSAM_REFERENCE_CT=$(abspath $(REFERENCE_CT)) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)

@@ -1,6 +1,8 @@
 """Fetch the real CT reference files that ship in TotalSegmentator's source distribution (Apache-2.0).
 
-    python scripts/fetch_reference_ct.py [--out build/reference_ct] [--version 2.18.0]
+    python scripts/fetch_reference_ct.py [--out build/reference_ct] [--version 2.18.0] [--quiet]
+
+`make test` runs it (target `reference-ct`) before the tests.
 
 Downloads the sdist with the venv's own pip (`pip download --no-deps --no-binary :all:`), extracts only
 `tests/reference_files/` into the cache folder and prints what it holds. Idempotent: a cache folder
@@ -106,10 +108,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache folder (default {DEFAULT_OUT})")
     p.add_argument("--version", default=DEFAULT_VERSION, help=f"{PACKAGE} version (default {DEFAULT_VERSION})")
+    p.add_argument("--quiet", action="store_true", help="only fetch, do not describe the files")
     args = p.parse_args()
     out = fetch(args.out, args.version)
-    print(f"{PACKAGE} {args.version} reference files in {out}:")
-    print(describe(out))
+    print(f"{PACKAGE} {args.version} reference files in {out}" + ("" if args.quiet else ":"))
+    if not args.quiet:
+        print(describe(out))
     return 0
 
 

@@ -190,6 +190,21 @@ def test_uploaded_images_that_are_not_ct_volumes_are_refused(server, tmp_path):
     assert httpx.get(f"{server['url']}/info/", timeout=30).status_code == 200  # still serving
 
 
+def test_localizer_per_request(server):
+    """`localizer` picks registration for one request (supports prepared on demand); unknown: 422."""
+    _, queries = study_ids(server["root"])
+    info = httpx.get(f"{server['url']}/info/", timeout=30).json()
+    assert info["localizer"] == {"configured": "auto", "default": "medlam"}  # medlam_checkpoint configured
+    response = post_infer(server["url"], "medlam", queries[0], {"organs": ["liver"], "localizer": "registration"},
+                          "json")
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["localizer"] == "registration" and result["organs"]["liver"]["present"]
+    assert httpx.get(f"{server['url']}/info/", timeout=30).json()["atlases"]["organs"]["liver"]["supports"] == N_SUPPORTS
+    response = post_infer(server["url"], "medlsam", queries[0], {"localizer": "atlas"}, "json")
+    assert response.status_code == 422 and "localizer must be one of" in response.json()["detail"]
+
+
 def test_organ_without_template_is_refused(server):
     info = httpx.get(f"{server['url']}/info/", timeout=30).json()
     assert UNANNOTATED not in info["templates"]["organs"]

@@ -506,6 +506,20 @@ def test_command_writes_every_output_and_resumes(dataset, tmp_path, monkeypatch,
     assert "other evaluation settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_command_with_the_registration_localizer(dataset, tmp_path, monkeypatch, capsys):
+    from medlsam.commands import eval as eval_command
+
+    monkeypatch.setattr(eval_command, "build_backends", lambda names, ck, args: {n: BoxFiller() for n in names})
+    out = tmp_path / "reg"
+    assert cli.main(_eval_args(dataset, out, "--localization", "medlam", "--localizer", "registration")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["extra"]["localizer"]["name"] == "registration"
+    assert sorted(p.stem for p in (out / "atlases").glob("*.npz")) == ["synct_0000", "synct_0001"]
+    iou = summary["localization"]["medlam"]["mean_over_organs"]
+    assert 0.3 < (iou["iou"] if isinstance(iou, dict) else iou) <= 1.0
+
+
 def test_command_refuses_bad_input(dataset, tmp_path, capsys):
     assert cli.main(_eval_args(dataset, tmp_path / "a", "--backbones", "unet")) == 2
     assert "unknown backbone" in capsys.readouterr().err

@@ -185,6 +185,14 @@ def _real_iou(loc, organ, study) -> float:
     return box_iou_mm([list(box.lo), list(box.hi)], mask_box(study.references[organ]), study.image.affine)
 
 
+def _covered_reference(study, organ: str, z_range_lps) -> np.ndarray:
+    """The organ's reference voxels inside an LPS z range (the part of the query a support covers)."""
+    to_lps = np.diag([-1.0, -1.0, 1.0]) @ study.image.affine[:3]
+    k = np.indices(study.image.shape).reshape(3, -1)
+    z = (to_lps[2, :3] @ k + to_lps[2, 3]).reshape(study.image.shape)
+    return study.references[organ] & (z >= z_range_lps[0]) & (z <= z_range_lps[1])
+
+
 def test_real_ct_upper_abdomen_from_an_abdomen_pelvis_support(real):
     studies, atlases, settings, _ = real
     slab = studies["slab"]
@@ -203,11 +211,7 @@ def test_real_ct_chest_angiography_and_back(real):
     loc = forward.localize(cta.image)
     # the support shows only the abdominal aorta: measure the box against the reference where the
     # support covers the query (the thoracic aorta and the arch lie above the support's scan)
-    z0, z1 = forward.last_registrations["abdomen_pelvis"]["overlap_z_lps_mm"]
-    to_lps = np.diag([-1.0, -1.0, 1.0]) @ cta.image.affine[:3]
-    k = np.indices(cta.image.shape).reshape(3, -1)
-    z = (to_lps[2, :3] @ k + to_lps[2, 3]).reshape(cta.image.shape)
-    covered = cta.references["aorta"] & (z >= z0) & (z <= z1)
+    covered = _covered_reference(cta, "aorta", forward.last_registrations["abdomen_pelvis"]["overlap_z_lps_mm"])
     box = loc.organs["aorta"].box
     assert loc.organs["aorta"].present
     assert box_iou_mm([list(box.lo), list(box.hi)], mask_box(covered), cta.image.affine) >= 0.4
@@ -218,17 +222,43 @@ def test_real_ct_chest_angiography_and_back(real):
     assert not back.organs["heart"].present
 
 
-@pytest.mark.slow
 def test_real_ct_aorta_segmented_inside_the_registration_box(real):
+    """One real study as the support, another patient's as the query: the aorta's box (IoU >= 0.5)
+    and its LiteMedSAM segmentation in that box (Dice >= 0.5). ~45 s on 2 cores."""
     from medlsam.pipeline import segment_localization
     from medlsam.segment import Segmenter, build_backend
 
     studies, atlases, settings, ids = real
     slab = studies["slab"]
     loc = RegistrationLocalizer([atlases["abdomen_pelvis"]], settings).localize(slab.image, organs=["aorta"])
+    assert loc.localizer == "registration" and _real_iou(loc, "aorta", slab) >= 0.5
     segmenter = Segmenter(build_backend("litemedsam", threads=2), in_plane_margin_mm=8.0, progress=False)
     labels = segment_localization(slab.image, loc, segmenter).labels
     assert dice(labels == ids["aorta"], slab.references["aorta"]) >= 0.5
+
+
+def test_real_ct_bounds_the_demo_medlam_fails(real):
+    """The same real support and queries through the demo MedLAM (trained on generated CT only): the
+    40 mm slab is refused (smaller than half a MedLAM patch), and on the CT angiography its aorta box
+    misses the part the support covers (IoU 0.00 measured; registration 0.56-0.62, bound 0.4)."""
+    from medlsam.medlam.localizer import Localizer
+    from medlsam.medlam.patches import PatchEmbedder
+    from medlsam.medlam.templates import TemplateSet, compute_support
+    from medlsam.paths import DEMO_MEDLAM
+
+    studies, atlases, settings, ids = real
+    support, cta = studies["abdomen_pelvis"], studies["chest_cta"]
+    embedder = PatchEmbedder.from_checkpoint(DEMO_MEDLAM)
+    templates = TemplateSet(embedder.fingerprint, embedder.net.config.to_dict())
+    templates.add(compute_support(embedder, support.image, support.label, ids, "abdomen_pelvis", organs=["aorta"]), ids)
+    medlam = Localizer(embedder, templates)
+    with pytest.raises(InputError, match="too small"):
+        medlam.localize(studies["slab"].image, organs=["aorta"])
+    forward = RegistrationLocalizer([atlases["abdomen_pelvis"]], settings)
+    forward.localize(cta.image, organs=["aorta"])
+    covered = _covered_reference(cta, "aorta", forward.last_registrations["abdomen_pelvis"]["overlap_z_lps_mm"])
+    box = medlam.localize(cta.image, organs=["aorta"]).organs["aorta"].box
+    assert box_iou_mm([list(box.lo), list(box.hi)], mask_box(covered), cta.image.affine) < 0.4
 
 
 def test_atlas_store_follows_the_annotated_studies(support, tmp_path):

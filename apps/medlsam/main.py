@@ -5,7 +5,8 @@ Tasks: infer `medlsam` (localize + segment, the default auto-segmentation model)
 `medlam` (boxes); train `medlam` (self-supervised RDR + MSS pretraining on the datastore's images);
 Next Sample strategies `random`, `fewshot`, `first`, `last`; scoring `dice` (per-organ Dice of the
 app's result against the final label). Support templates are built from the studies that have a
-final label and updated on every save.
+final label and updated on every save; so are the registration localizer's prepared supports
+(`--conf localizer medlam|registration|auto`, per request `localizer`; tasks/localizers.py).
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ class MedLSAMApp(MONAILabelApp):
                 logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))
             except Exception:  # a broken store must not take the server down; requests report it
                 logger.exception("template store sync failed")
+        if self.ctx.localizer_name() == "registration":  # the default localizer's supports, prepared now
+            try:
+                self.ctx.sync_atlases()
+                logger.info("atlas store: %s", self.ctx.atlases.summary())
+            except Exception:  # noqa: BLE001 - requests retry the sync and report the cause
+                logger.exception("atlas store sync failed")
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
@@ -123,6 +130,9 @@ class MedLSAMApp(MONAILabelApp):
         if image_id in studies:
             with request_errors("saving the label"):
                 out["templates"] = self.ctx.store.add_support(studies[image_id])
+            if self.ctx.localizer_name() == "registration":
+                with request_errors("saving the label"):
+                    self.ctx.sync_atlases()
         try:
             scored = score_study(datastore, self.label_map, image_id)
         except Exception:  # noqa: BLE001 - a failed score must not fail the save
@@ -213,4 +223,13 @@ class MedLSAMApp(MONAILabelApp):
             meta["templates"] = self.ctx.store.summary()
         except (FileNotFoundError, ValueError) as exc:
             meta["templates"] = {"error": str(exc)}
+        meta["localizer"] = {"configured": self.settings.localizer, "default": self.ctx.localizer_name()}
+        lock = self.ctx.atlases.updating()
+        if lock.acquire(timeout=0.2):
+            try:
+                meta["atlases"] = {**self.ctx.atlases.summary(), "updating": False}
+            finally:
+                lock.release()
+        else:
+            meta["atlases"] = {"updating": True}
         return meta

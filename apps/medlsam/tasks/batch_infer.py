@@ -2,7 +2,7 @@
 batch runner as `medlsam run` (same per-study label, JSON and summary row; resumable).
 
 Request (query `images` or params): `images` "unlabeled" (no final label: every study that is not
-a support), "labeled", "all" or a list of image ids; params `organs`, `mode`, `seed`, `mss` as for
+a support), "labeled", "all" or a list of image ids; params `organs`, `mode`, `seed`, `mss`, `localizer` as for
 /infer/medlsam; `output` (a folder on the server; default <model_dir>/batch/<datastore>);
 `save_label` (default true: each label is also stored in the datastore with tag `label_tag`,
 default "original", as MONAI Label's own batch inference does). Other models keep MONAI Label's
@@ -20,9 +20,11 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 
 from medlsam.batch import BatchOutput, LocalExecutor, StudyProcessor, StudyRef, run_batch, templates_digest
 from medlsam.io import load_nifti
+from medlsam.registration import RegistrationLocalizer
 
 from .context import MedLSAMContext
 from .errors import bad_request, request_errors
+from .localizers import atlases_digest
 from .requests import int_param, mode_param, organs_param
 
 logger = logging.getLogger(__name__)
@@ -102,11 +104,14 @@ class MedLSAMBatchInfer(BatchInferTask):
             mode = mode_param(request.get("mode"), ctx.settings.mode)
             seed = int_param(request, "seed", 0)
             localizer = ctx.localizer(request)
+            registration = isinstance(localizer, RegistrationLocalizer)
             settings = {
-                "organs": organs, "mode": mode, "seed": seed, "mss": localizer.settings.mss,
+                "organs": organs, "mode": mode, "seed": seed,
+                **({"localizer": "registration"} if registration else {"mss": localizer.settings.mss}),
                 "segmenter": ctx.settings.segmenter, "segmenter_checkpoint": str(ctx.settings.segmenter_checkpoint),
                 "box_margin_mm": ctx.settings.box_margin_mm, "largest_component": ctx.settings.largest_component,
-                "templates_digest": templates_digest(localizer.templates), "source": "/batch/infer/medlsam",
+                "templates_digest": atlases_digest(localizer) if registration else templates_digest(localizer.templates),
+                "source": "/batch/infer/medlsam",
             }
             output = BatchOutput(Path(request.get("output") or default_output(ctx)),
                                  run_key_of(settings))

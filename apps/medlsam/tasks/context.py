@@ -1,4 +1,5 @@
-"""State shared by the app's tasks: label map, MedLAM weights, template store, segmenter."""
+"""State shared by the app's tasks: label map, MedLAM weights, template store, registration supports
+(atlas store), the localizer a request gets, segmenter."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from medlsam.labels import LabelMap
 from medlsam.medlam.localizer import Localizer, LocalizerSettings
 from medlsam.medlam.store import EmbedderSource, SupportStudy, TemplateStore
 from medlsam.medlam.templates import TemplateMismatchError, TemplateSet
+from medlsam.registration import RegistrationLocalizer
+from medlsam.registration.store import AtlasStore
 from medlsam.segment import Segmenter, build_backend
 
 from .datastore import StudyStore
 from .errors import bad_request
+from .localizers import localizer_param, resolve
 from .requests import int_param, mode_param, organs_param
 from .settings import AppSettings
 
@@ -41,6 +45,8 @@ class MedLSAMContext:
         self.embedders = EmbedderSource(settings.medlam_checkpoints, settings.device, settings.medlam_batch_size,
                                         settings.medlam_precision)
         self.store = TemplateStore(settings.template_store, self.label_ids, self.embedders, settings.max_supports)
+        self.atlases = AtlasStore(settings.atlas_store, self.label_ids, max_supports=settings.max_supports)
+        self._atlas_labels_seen = None  # the datastore's final-label version the atlas store last synced
         self._segmenter: Segmenter | None = None
         self._segment_lock = threading.Lock()
         self._final_labels_seen = None  # the datastore's final-label version last synced
@@ -143,9 +149,41 @@ class MedLSAMContext:
                 logger.info("template store synced with the datastore: %s", report)
             self._final_labels_seen = current
 
-    def localizer(self, request: dict) -> Localizer:
+    def localizer_name(self, request: dict | None = None) -> str:
+        """'medlam' or 'registration': the request's `localizer` param, else `--conf localizer`
+        ('auto' resolved, see tasks/localizers.py). Unknown values are a 422."""
+        choice = localizer_param((request or {}).get("localizer"), self.settings.localizer)
+        return resolve(choice, self.settings, self.embedders.checkpoint)
+
+    def localizer(self, request: dict) -> Localizer | RegistrationLocalizer:
+        """The localizer for a request (see `localizer_name`), with its supports up to date."""
+        if self.localizer_name(request) == "registration":
+            return self.registration_localizer()
         settings = LocalizerSettings(mss=str(request.get("mss", "true")).lower() not in ("0", "false", "no"))
         return Localizer(self.embedders.get(), self.templates(), settings)
+
+    def registration_localizer(self) -> RegistrationLocalizer:
+        """The registration localizer over the prepared supports; new or changed final labels are
+        prepared first. Waits at most `template_wait_s` for a running update (then HTTP 409)."""
+        lock = self.atlases.updating()
+        if not lock.acquire(timeout=self.settings.template_wait_s):
+            raise BusyError("the registration supports are being prepared (start-up or a new final label); "
+                            "retry shortly", retry_after=10)
+        try:
+            self.sync_atlases()
+            return self.atlases.localizer()
+        finally:
+            lock.release()
+
+    def sync_atlases(self) -> None:
+        """Prepare the supports of final labels added or changed since the last sync (drop removed ones)."""
+        with self.atlases.updating():
+            current = self.datastore.final_labels_version()
+            if current != self._atlas_labels_seen:
+                report = self.atlases.sync(self.support_studies())
+                if report["added"] or report["removed"] or report["failed"]:
+                    logger.info("atlas store synced with the datastore: %s", report)
+                self._atlas_labels_seen = current
 
     def segmenter(self) -> Segmenter:
         if self._segmenter is None:

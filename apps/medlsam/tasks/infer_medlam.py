@@ -1,4 +1,5 @@
-"""Infer task `medlam`: organ boxes (localization only) from the support templates."""
+"""Infer task `medlam`: organ boxes (localization only) from the supports, by the request's localizer
+(`localizer`: medlam, registration or auto; tasks/localizers.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class MedLAMInfer(InferTask):
             labels=ctx.client_labels,
             dimension=3,
             description="MedLAM: the 3D box of each organ from a few annotated supports, drawn as a label "
-            "volume (no prompt needed)",
-            config={"organs": "", "mode": ctx.settings.mode, "seed": 0, "mss": True},
+            "volume (no prompt needed); `localizer`: medlam, registration or auto",
+            config={"organs": "", "mode": ctx.settings.mode, "seed": 0, "mss": True,
+                    "localizer": ctx.settings.localizer},
         )
         self.ctx = ctx
 

@@ -18,9 +18,9 @@ class MedLSAMInfer(InferTask):
             type=InferType.SEGMENTATION,
             labels=ctx.client_labels,
             dimension=3,
-            description="MedLSAM: localize every organ with MedLAM, segment it slice by slice with "
+            description="MedLSAM: localize every organ (MedLAM or registration of the supports), segment it slice by slice with "
             f"{ctx.settings.segmenter} box prompts",
-            config={"organs": "", "mode": ctx.settings.mode, "seed": 0},
+            config={"organs": "", "mode": ctx.settings.mode, "seed": 0, "localizer": ctx.settings.localizer},
         )
         self.ctx = ctx
 

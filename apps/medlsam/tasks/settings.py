@@ -20,6 +20,7 @@ from medlsam.segment import (
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
+LOCALIZERS = ("auto", "medlam", "registration")
 
 
 @dataclass
@@ -43,6 +44,8 @@ class AppSettings:
     medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     prompting: str = DEFAULT_PROMPTING  # "box": the 3D box on every slice; "propagate": prompts follow the organ
     propagation: PropagationSettings = PropagationSettings()
+    localizer: str = "auto"  # medlam | registration | auto (tasks/localizers.py)
+    medlam_configured: bool = False  # `--conf medlam_checkpoint` given: the user chose MedLAM weights
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str, studies: str) -> "AppSettings":
@@ -76,6 +79,9 @@ class AppSettings:
         precision = conf.get("medlam_precision", "auto").lower()
         if precision not in PRECISIONS:
             raise ValueError(f"--conf medlam_precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+        localizer = conf.get("localizer", "auto").strip().lower()
+        if localizer not in LOCALIZERS:
+            raise ValueError(f"--conf localizer must be one of {', '.join(LOCALIZERS)}, got {conf['localizer']!r}")
         mode = conf.get("mode", "WPL").upper()
         if mode not in ("WPL", "SPL"):
             raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
@@ -99,7 +105,14 @@ class AppSettings:
             medlam_precision=precision,
             prompting=check_prompting(conf.get("prompting")),
             propagation=PropagationSettings(step_mm=_float(conf, "step_mm", PropagationSettings().step_mm)),
+            localizer=localizer,
+            medlam_configured=bool(conf.get("medlam_checkpoint")),
         )
+
+    @property
+    def atlas_store(self) -> Path:
+        """The registration localizer's prepared supports: a folder beside the template file."""
+        return self.template_store.with_name(self.template_store.stem + "-atlases")
 
     def read_label_map(self) -> LabelMap:
         """The label map from `--conf label_map <json file>`, `--conf labels ...`, or label_map.json

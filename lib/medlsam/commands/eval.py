@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="checkpoint file of a backbone (repeatable), e.g. medsam=/models/medsam_vit_b.pth")
     method.add_argument("--model-dir", type=Path, default=None, help="folder with SAM/MedSAM checkpoints")
     method.add_argument("--medlam", type=Path, default=None, help="MedLAM checkpoint (default: official, else demo)")
+    method.add_argument("--localizer", choices=["medlam", "registration"], default="medlam",
+                        help="what finds the boxes of the medlam localization: MedLAM (weights + templates, default) "
+                        "or registration of the supports to each query (no weights; supports cached in <out>/atlases)")
     method.add_argument("--mode", choices=["WPL", "SPL"], default="WPL", help="whole-patch or sub-patch localization")
     method.add_argument("--gt-slice-threshold", type=float, default=0,
                         help="slices whose ground-truth area is at most this many pixels get no box and are not "
@@ -125,6 +128,20 @@ def build_templates(embedder, supports, label_map, organs, out_dir: Path, cache_
     return templates
 
 
+def registration_localizer(supports, label_map: dict[str, int], max_supports: int, folder: Path):
+    """The registration localizer over `supports`, prepared once in `folder` (kept for resumed runs)."""
+    from medlsam.medlam.store import SupportStudy
+    from medlsam.registration.store import AtlasStore
+
+    store = AtlasStore(folder, label_map, max_supports=max(1, max_supports))
+    report = store.sync([SupportStudy(s.study_id, Path(s.image), Path(s.label)) for s in supports])
+    if report["failed"]:
+        log.warning("supports skipped: %s", report["failed"])
+    if not store.selected():
+        raise ValueError("no support could be prepared for registration: nothing to localize with")
+    return store.localizer()
+
+
 def run(args: argparse.Namespace) -> int:
     from medlsam.evaluation.datasets import pair_studies, split_supports
     from medlsam.evaluation.report import markdown_tables, write_report
@@ -157,7 +174,13 @@ def run(args: argparse.Namespace) -> int:
 
     extra: dict = {"supports": [s.study_id for s in supports]}
     localizer = None
-    if use_medlam:
+    if use_medlam and args.localizer == "registration":
+        if args.templates is not None:
+            raise ValueError("--templates holds MedLAM templates; --localizer registration needs supports "
+                             "(--supports or --support-ids)")
+        localizer = registration_localizer(supports, label_map, len(supports), args.out / "atlases")
+        extra["localizer"] = {"name": "registration", "supports": sorted(a.study_id for a in localizer.supports)}
+    elif use_medlam:
         from medlsam.medlam.localizer import Localizer
         from medlsam.medlam.patches import PatchEmbedder
         from medlsam.medlam.templates import TemplateSet
