@@ -109,18 +109,26 @@ class MedLSAMApp(MONAILabelApp):
     def _sync_templates(self, started: threading.Event):
         # Gathering the supports is part of the update (DICOMweb: SEGs are downloaded and decoded),
         # so the store's lock is held from the start: /info shows "updating", infers wait.
+        # The default localizer's supports come first: with registration (seconds per support) the
+        # server answers /infer/medlsam while the MedLAM templates (minutes on a CPU) are still built.
+        registration = self.ctx.localizer_name() == "registration"
+        if registration:
+            with self.ctx.atlases.updating():
+                started.set()
+                self._sync_atlases()
         with self.ctx.store.updating():
             started.set()
             try:
                 logger.info("template store: %s", self.ctx.store.sync(self.ctx.support_studies()))
             except Exception:  # a broken store must not take the server down; requests report it
                 logger.exception("template store sync failed")
-        if self.ctx.localizer_name() == "registration":  # the default localizer's supports, prepared now
-            try:
-                self.ctx.sync_atlases()
-                logger.info("atlas store: %s", self.ctx.atlases.summary())
-            except Exception:  # noqa: BLE001 - requests retry the sync and report the cause
-                logger.exception("atlas store sync failed")
+
+    def _sync_atlases(self):
+        try:
+            self.ctx.sync_atlases()
+            logger.info("atlas store: %s", self.ctx.atlases.summary())
+        except Exception:  # noqa: BLE001 - requests retry the sync and report the cause
+            logger.exception("atlas store sync failed")
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
