@@ -140,19 +140,25 @@ def _first_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
+def _nrrd_header(path: Path):
+    """A SimpleITK reader holding an NRRD file's header (voxels not read); InputError if unreadable."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path.name} is not a readable NRRD file: {_first_line(exc)}") from exc
+    return reader
+
+
 def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """A volume's shape as its header declares it, read without decompressing the voxels: NIfTI
     (x, y, z[, t...]), NRRD (i, j, k[, components]). InputError if the header is unreadable."""
     path = Path(path)
     if is_nrrd(path):
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputError(f"{path.name} is not a readable NRRD file: {_first_line(exc)}") from exc
+        reader = _nrrd_header(path)
         shape = tuple(int(n) for n in reader.GetSize())
         components = reader.GetNumberOfComponents()
         return shape + ((components,) if components > 1 else ())
@@ -169,14 +175,7 @@ def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.nd
         img = load_image(path)
         return tuple(img.shape), img.affine
     if is_nrrd(path):
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputError(f"{path.name} is not a readable NRRD file: {_first_line(exc)}") from exc
+        reader = _nrrd_header(path)
         if reader.GetDimension() != 3:
             raise InputError(f"{path.name} is not a 3D volume")
         return tuple(int(n) for n in reader.GetSize()), sitk_affine(reader)

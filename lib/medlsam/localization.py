@@ -230,3 +230,22 @@ class OrganLocalizer(Protocol):
     def localize(self, image: nib.Nifti1Image, organs: Sequence[str] | None = None, mode: str = "WPL",
                  seed: int = 0, name: str = "image") -> StudyLocalization:
         """Locate `organs` (names; None: all it knows) in `image`."""
+
+
+def resolve_localizable(organs: Iterable, label_ids: Mapping[str, int], available: Iterable[str],
+                        missing: str, listing: Sequence[str]) -> list[str]:
+    """Organ names or ids -> distinct names a localizer can find (those in `available`); any other
+    organ is an InputError "organ X has no <missing> (<listing>)"."""
+    from medlsam.labels import LabelMap
+
+    label_map, available = LabelMap(dict(label_ids), source=missing), set(available)
+    names = []
+    for organ in organs:
+        try:
+            name = label_map.resolve(organ)
+        except InputError:  # not even an organ of the label map
+            name = None
+        if name is None or name not in available:
+            raise InputError(f"organ {organ!r} has no {missing} ({listing})")
+        names.append(name)
+    return list(dict.fromkeys(names))

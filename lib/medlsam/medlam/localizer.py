@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from medlsam.errors import InputError
 from medlsam.geometry import MedLAMGrid
-from medlsam.labels import LabelMap
-from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode
+from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode, resolve_localizable
 from medlsam.medlam.patches import PatchEmbedder, unique_centres
 from medlsam.medlam.templates import OrganTemplate, PointSet, TemplateSet
 
@@ -226,18 +225,9 @@ class Localizer:
             raise InputError("no support templates yet: save a final label for at least one study first")
         if not organs:
             return self.templates.organs
-        label_map = LabelMap(self.templates.label_ids, source="templates")
-        names = []
-        for organ in organs:
-            try:
-                name = label_map.resolve(organ)
-            except InputError:  # not even an organ the templates know
-                name = None
-            if name is None or name not in self.templates.supports:
-                raise InputError(f"organ {organ!r} has no support template "
-                                    f"(organs with templates: {', '.join(self.templates.organs) or 'none'})")
-            names.append(name)
-        return list(dict.fromkeys(names))
+        listing = f"organs with templates: {', '.join(self.templates.organs) or 'none'}"
+        return resolve_localizable(organs, self.templates.label_ids, self.templates.supports,
+                                   "support template", listing)
 
     def localize(self, image: nib.Nifti1Image, organs=None, mode: str = "WPL", seed: int = 0,
                  name: str = "image") -> StudyLocalization:

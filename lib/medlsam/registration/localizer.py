@@ -13,8 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medlsam.errors import InputError
-from medlsam.labels import LabelMap
-from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode
+from medlsam.localization import Box, OrganLocation, StudyLocalization, check_mode, resolve_localizable
 from medlsam.medlam.templates import extreme_points, spl_parts
 
 from .atlas import SupportAtlas
@@ -98,18 +97,8 @@ class RegistrationLocalizer:
             raise InputError("no supports yet: save a final label for at least one study first")
         if not organs:
             return self.organs
-        label_map = LabelMap(self.label_ids, source="supports")
-        names = []
-        for organ in organs:
-            try:
-                name = label_map.resolve(organ)
-            except InputError:
-                name = None
-            if name is None or name not in self.organs:
-                raise InputError(f"organ {organ!r} has no support "
-                                 f"(organs with supports: {', '.join(self.organs)})")
-            names.append(name)
-        return list(dict.fromkeys(names))
+        listing = f"organs with supports: {', '.join(self.organs)}"
+        return resolve_localizable(organs, self.label_ids, self.organs, "support", listing)
 
     def localize(self, image: nib.Nifti1Image, organs=None, mode: str = "WPL", seed: int = 0,
                  name: str = "image") -> StudyLocalization:
