@@ -200,6 +200,7 @@ def test_real_ct_upper_abdomen_from_an_abdomen_pelvis_support(real):
     for organ in ("aorta", "liver", "spleen"):
         assert loc.organs[organ].present, organ
         assert _real_iou(loc, organ, slab) >= 0.5, organ
+        assert loc.organs[organ].warnings == [], organ  # the support covers the whole slab
     for organ in ("urinary_bladder", "femoral_head_left", "femoral_head_right"):
         assert not loc.organs[organ].present, organ
 
@@ -214,6 +215,10 @@ def test_real_ct_chest_angiography_and_back(real):
     covered = _covered_reference(cta, "aorta", forward.last_registrations["abdomen_pelvis"]["overlap_z_lps_mm"])
     box = loc.organs["aorta"].box
     assert loc.organs["aorta"].present
+    # the box stops where the support stops; the response says so instead of passing it off as the aorta
+    (warning,) = loc.organs["aorta"].warnings
+    assert "superior end" in warning and "may continue beyond" in warning
+    assert loc.to_json()["organs"]["aorta"]["warnings"] == [warning]
     assert box_iou_mm([list(box.lo), list(box.hi)], mask_box(covered), cta.image.affine) >= 0.4
     for organ in ("urinary_bladder", "femoral_head_left", "femoral_head_right"):
         assert not loc.organs[organ].present, organ

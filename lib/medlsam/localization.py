@@ -103,6 +103,7 @@ class OrganLocation:
     parts: list[Box] = field(default_factory=list)  # SPL sub-part boxes along z (empty for WPL)
     extreme_points_voxel: np.ndarray | None = None  # (6, 3) in EXTREME_POINTS order
     extreme_points_world: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)  # what a user should know about this box
 
     def prompt_boxes(self, mode: str) -> list[Box]:
         """The boxes to prompt a segmenter with: the SPL parts in SPL mode (when found), else the box."""
@@ -119,6 +120,7 @@ class OrganLocation:
             "n_supports": self.n_supports,
             **self.box.to_json(),
             "parts": [p.to_json() for p in self.parts],
+            "warnings": list(self.warnings),
         }
         for key, points in (("extreme_points_voxel", self.extreme_points_voxel),
                             ("extreme_points_world", self.extreme_points_world)):
@@ -160,6 +162,7 @@ class OrganLocation:
             present=present, absent_reason=data.get("absent_reason"),
             confidence=data.get("confidence"), fraction_inside=data.get("fraction_inside"),
             n_supports=data.get("n_supports"), parts=parts,
+            warnings=[str(w) for w in data.get("warnings") or [] if isinstance(w, str)],
             extreme_points_voxel=points("extreme_points_voxel"), extreme_points_world=points("extreme_points_world"),
         )
 

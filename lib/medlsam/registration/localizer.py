@@ -24,7 +24,8 @@ from .registration import RegistrationResult, RegistrationSettings, register
 
 logger = logging.getLogger(__name__)
 
-SIMILARITY_MARGIN_MM = 20.0  # around an organ's box, where the warped support is compared with the query
+SIMILARITY_MARGIN_MM = 20.0
+COVERAGE_GAP_MM = 10.0  # scan beyond the supports' coverage that makes a box ending there suspect  # around an organ's box, where the warped support is compared with the query
 
 
 @dataclass
@@ -188,6 +189,7 @@ class RegistrationLocalizer:
             return location
         lo, hi = box_lps(grid, *fused.box)
         location.box = _box(frame, lo, hi)
+        location.warnings.extend(coverage_warnings(organ, lo[2], hi[2], holders, grid))
         lps = voxels_to_lps(grid, np.argwhere(fused.mask) + fused.offset)
         ext_lps = extreme_points(lps[:, ::-1])[:, ::-1]  # extreme points along LPS z, y, x
         location.extreme_points_voxel = frame.to_voxel(ext_lps)
@@ -215,6 +217,25 @@ class RegistrationLocalizer:
             los.append(mapped.min(axis=0))
             his.append(mapped.max(axis=0))
         return _box(frame, np.median(los, axis=0), np.median(his, axis=0))
+
+
+def coverage_warnings(organ: str, lo_z: float, hi_z: float, holders: list[_Registered], grid: Grid) -> list[str]:
+    """Say when an organ's box stops where the supports' coverage of the query stops while the scan goes on:
+    the organ may continue where no support shows it (e.g. the thoracic aorta of a chest CT whose only
+    support is an abdomen-pelvis scan). z is LPS (superior positive), in mm."""
+    covered_lo = min(r.result.overlap_mm[0] for r in holders)
+    covered_hi = max(r.result.overlap_mm[1] for r in holders)
+    scan_lo = float(grid.origin[2])
+    scan_hi = scan_lo + float(grid.spacing[2]) * (int(grid.size[2]) - 1)
+    touch = 2.0 * float(grid.spacing[2]) + 1e-6
+    out = []
+    for side, at_edge, beyond in (("inferior", lo_z <= covered_lo + touch, scan_lo < covered_lo - COVERAGE_GAP_MM),
+                                  ("superior", hi_z >= covered_hi - touch, scan_hi > covered_hi + COVERAGE_GAP_MM)):
+        if at_edge and beyond:
+            out.append(f"{organ} reaches the {side} end of the part of this scan the supports cover "
+                       f"(z {covered_lo:.0f} to {covered_hi:.0f} mm of {scan_lo:.0f} to {scan_hi:.0f} mm, LPS) and may "
+                       f"continue beyond it: its box stops there. A support covering the rest of the scan fixes this.")
+    return out
 
 
 def _box(frame: QueryFrame, lo_lps, hi_lps) -> Box:
