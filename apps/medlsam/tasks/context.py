@@ -193,7 +193,8 @@ class MedLSAMContext:
             )
             self._segmenter = Segmenter(backend, largest_component=self.settings.largest_component, progress=False,
                                         in_plane_margin_mm=self.settings.box_margin_mm,
-                                        prompting=self.settings.prompting, propagation=self.settings.propagation)
+                                        prompting=self.settings.prompting, propagation=self.settings.propagation,
+                                        key_slice_mm=self.settings.key_slice_mm)
         return self._segmenter
 
     @property

@@ -17,6 +17,7 @@ from medlsam.paths import DEMO_MEDLAM, OFFICIAL_MEDLAM_NAME, model_dir as resolv
 from medlsam.segment import (
     DEFAULT_IN_PLANE_MARGIN_MM, DEFAULT_PROMPTING, PropagationSettings, check_prompting, parse_margin_mm,
 )
+from medlsam.segment.key_slices import DEFAULT_KEY_SLICE_MM
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
@@ -44,6 +45,7 @@ class AppSettings:
     medlam_precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     prompting: str = DEFAULT_PROMPTING  # "box": the 3D box on every slice; "propagate": prompts follow the organ
     propagation: PropagationSettings = PropagationSettings()
+    key_slice_mm: float = DEFAULT_KEY_SLICE_MM  # box prompting: segment slices this far apart, interpolate between
     localizer: str = "auto"  # medlam | registration | auto (tasks/localizers.py)
     medlam_configured: bool = False  # `--conf medlam_checkpoint` given: the user chose MedLAM weights
 
@@ -105,6 +107,7 @@ class AppSettings:
             medlam_precision=precision,
             prompting=check_prompting(conf.get("prompting")),
             propagation=PropagationSettings(step_mm=_float(conf, "step_mm", PropagationSettings().step_mm)),
+            key_slice_mm=_key_slice_mm(conf),
             localizer=localizer,
             medlam_configured=bool(conf.get("medlam_checkpoint")),
         )
@@ -168,6 +171,13 @@ def trained_checkpoints(trained_dir: Path, version: str) -> list[Path]:
         known = sorted(p.stem for p in (trained_dir / "versions").glob("v*.pt"))
         raise ValueError(f"--conf medlam_version {version}: {path} does not exist (published: {', '.join(known) or 'none'})")
     return [path]
+
+
+def _key_slice_mm(conf: dict[str, str]) -> float:
+    value = _float(conf, "key_slice_mm", DEFAULT_KEY_SLICE_MM)
+    if not 0 <= value <= 50:
+        raise ValueError(f"--conf key_slice_mm must be between 0 (every slice) and 50 mm, got {value}")
+    return value
 
 
 def _float(conf: dict[str, str], key: str, default: float) -> float:

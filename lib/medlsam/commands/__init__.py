@@ -15,6 +15,7 @@ def add_box_margin_options(parser) -> None:
 def add_prompting_options(parser) -> None:
     """`--prompting` and the propagation settings, shared by `segment` and `eval` (defaults: the app's)."""
     from medlsam.segment import DEFAULT_PROMPTING, PROMPTING, PropagationSettings
+    from medlsam.segment.key_slices import DEFAULT_KEY_SLICE_MM
 
     defaults = PropagationSettings()
     parser.add_argument("--prompting", choices=PROMPTING, default=DEFAULT_PROMPTING,
@@ -24,6 +25,9 @@ def add_prompting_options(parser) -> None:
     parser.add_argument("--step-mm", type=float, default=defaults.step_mm, metavar="MM",
                         help="propagate: segment key slices about this far apart and interpolate between them "
                         "(default %(default)s; 0 = every slice)")
+    parser.add_argument("--key-slice-mm", type=float, default=DEFAULT_KEY_SLICE_MM, metavar="MM",
+                        help="box: segment slices about this far apart (and each organ's end slices) and "
+                        "interpolate between them (default %(default)s; 0 = every slice)")
     parser.add_argument("--walk-margin-mm", type=float, default=defaults.margin_mm, metavar="MM",
                         help="propagate: margin around the previous slice's mask box (default %(default)s)")
     parser.add_argument("--min-score", type=float, default=defaults.min_score,

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         gt_slice_threshold=args.gt_slice_threshold, eval_slices=args.eval_slices, seed=args.seed,
         max_shift_px=args.box_shift, shift_reference_px=args.box_shift_reference or None,
         box_margin_zyx=tuple(args.margin), in_plane_margin_mm=args.margin_mm, slice_step_mm=args.slice_step_mm,
-        prompting=args.prompting, propagation=asdict(propagation_from_args(args)),
+        prompting=args.prompting, propagation=asdict(propagation_from_args(args)), key_slice_mm=args.key_slice_mm,
         extra={k: extra[k] for k in ("supports", "medlam_fingerprint", "localizer") if k in extra}
         | {"checkpoints": {k: str(v) for k, v in checkpoints.items()}},
     )

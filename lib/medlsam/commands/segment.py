@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                             accelerate=not args.no_accelerate, model_dir=args.model_dir)
     segmenter = Segmenter(backend, box_margin_zyx=args.margin, cache=not args.no_cache,
                           largest_component=args.largest_component, in_plane_margin_mm=args.margin_mm,
-                          prompting=args.prompting, propagation=propagation_from_args(args))
+                          prompting=args.prompting, propagation=propagation_from_args(args),
+                          key_slice_mm=args.key_slice_mm)
     mode = "WPL" if args.whole_box else localization.mode
     windows = None if args.window == "auto" else {label: args.window for label in organ_windows(localization)}
     result = segment_localization(image, localization, segmenter, mode=mode, windows=windows)

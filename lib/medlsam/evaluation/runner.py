@@ -57,6 +57,7 @@ class EvalSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. weights fingerprints, support ids
     prompting: str = "box"  # MedLAM boxes: "box" (one 2D box per slice) or "propagate" (as the app)
     propagation: dict[str, Any] = field(default_factory=dict)  # PropagationSettings fields
+    key_slice_mm: float = 0.0  # box prompting: key slices this far apart, interpolated between (0: all)
 
     def __post_init__(self):
         if not self.organs:
@@ -91,6 +92,8 @@ class EvalSettings:
         if self.prompting == "box":  # as before prompting existed: older result folders keep their key
             out.pop("prompting")
             out.pop("propagation")
+        if not self.key_slice_mm:  # as before key slices existed
+            out.pop("key_slice_mm")
         return out
 
     def key(self) -> str:
@@ -107,7 +110,8 @@ def build_segmenter(backend, settings: EvalSettings, prompting: str | None = Non
     """The Segmenter an evaluation uses: the app's, with the evaluated margins and prompting."""
     return Segmenter(backend, box_margin_zyx=settings.box_margin_zyx, in_plane_margin_mm=settings.in_plane_margin_mm,
                      progress=False, prompting=prompting or settings.prompting,
-                     propagation=PropagationSettings(**settings.propagation))
+                     propagation=PropagationSettings(**settings.propagation),
+                     key_slice_mm=settings.key_slice_mm if prompting is None else 0.0)
 
 
 def medlam_prompts(localization: StudyLocalization, view: AxialView, segmenter: Segmenter, settings: EvalSettings,
@@ -119,7 +123,7 @@ def medlam_prompts(localization: StudyLocalization, view: AxialView, segmenter: 
     prompts = segmenter.nifti_prompts(view, localization.prompt_boxes(settings.mode))
     if settings.eval_slices == "paper":
         ids = {o.label_id: n for n, o in localization.organs.items()}
-        labels = prompts.boxes if isinstance(prompts, TrackedPrompts) else prompts
+        labels = getattr(prompts, "boxes", prompts)
         prompts = keep_prompt_slices(prompts, {label: counted.get(ids[label], ()) for label in labels})
     return prompts
 

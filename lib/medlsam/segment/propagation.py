@@ -122,8 +122,8 @@ class TrackedPrompts:
 
 
 def keep_prompt_slices(prompts, slices_for_label: Mapping[int, Iterable[int]]):
-    """Static ({label: {z: [boxes]}}) or tracked prompts restricted to the listed slices per label."""
-    if isinstance(prompts, TrackedPrompts):
+    """Static ({label: {z: [boxes]}}), key-slice or tracked prompts restricted to the listed slices per label."""
+    if hasattr(prompts, "keep_slices"):  # TrackedPrompts, KeySlices
         return prompts.keep_slices(slices_for_label)
     from .slice_boxes import keep_slices
 
@@ -131,8 +131,8 @@ def keep_prompt_slices(prompts, slices_for_label: Mapping[int, Iterable[int]]):
 
 
 def every_kth_slice(prompts, step: int):
-    """Static or tracked prompts on slices z % step == 0 only (evaluation subsampling)."""
-    if isinstance(prompts, TrackedPrompts):
+    """Static, key-slice or tracked prompts on slices z % step == 0 only (evaluation subsampling)."""
+    if hasattr(prompts, "every"):  # TrackedPrompts, KeySlices
         return prompts.every(step)
     return {label: {z: b for z, b in per.items() if z % step == 0} for label, per in prompts.items()}
 

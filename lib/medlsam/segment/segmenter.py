@@ -29,6 +29,7 @@ from .propagation import (
 from .slice_boxes import (
     PAPER_MARGIN_ZYX, Box2D, SliceBoxes, _is_box3d, margin_in_voxels, parse_margin_mm, parse_organ_boxes,
 )
+from .key_slices import KeySlices, interpolate_probabilities, key_step
 from .windows import DEFAULT_WINDOWS, apply_window, check_windows
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Segmenter:
                  windows: Mapping[str, tuple[float, float]] | None = None, threshold: float = 0.5,
                  progress: bool = True, interactive_cache_size: int = 8, in_plane_margin_mm: float | None = None,
                  prompting: str = "box", propagation: PropagationSettings | None = None,
-                 memo_budget_mb: float = 1024.0):
+                 memo_budget_mb: float = 1024.0, key_slice_mm: float = 0.0):
         margin = tuple(int(m) for m in box_margin_zyx)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"box_margin_zyx must be three non-negative ints, got {box_margin_zyx!r}")
@@ -78,6 +79,11 @@ class Segmenter:
         self.prompting = check_prompting(prompting)
         self.propagation = propagation or PropagationSettings()
         self.memo_budget_bytes = float(memo_budget_mb) * 2**20
+        # "box" prompting of 3D boxes: segment only slices about this far apart (mm) and each organ's end
+        # slices, interpolating the rest (key_slices.py); 0: every slice
+        if not np.isfinite(key_slice_mm) or key_slice_mm < 0:
+            raise ValueError(f"key_slice_mm must be >= 0, got {key_slice_mm}")
+        self.key_slice_mm = float(key_slice_mm)
 
     # -- volumes --------------------------------------------------------------------------------
     def segment_volume(self, volume_zyx_hu: np.ndarray, organ_boxes: Mapping[int, Any],
@@ -96,9 +102,11 @@ class Segmenter:
         volume = self._check_volume(volume_zyx_hu)
         margin = self.box_margin_zyx if box_margin_zyx is None else tuple(int(m) for m in box_margin_zyx)
         prompts = self._prompts_for(organ_boxes, volume.shape, margin)
+        if isinstance(prompts, dict) and not any(isinstance(v, Mapping) for v in organ_boxes.values()):
+            prompts = self._key_slices(prompts, spacing_zyx[0] if spacing_zyx is not None else None)
         if slices is not None:
             keep = {int(z) for z in slices}
-            labels = prompts.boxes if isinstance(prompts, TrackedPrompts) else prompts
+            labels = getattr(prompts, "boxes", prompts)
             prompts = keep_prompt_slices(prompts, {label: keep for label in labels})
         return self.segment_prompt_sets(volume, {"": prompts}, window_for_label, return_probabilities,
                                         spacing_zyx=spacing_zyx)[""]
@@ -125,7 +133,10 @@ class Segmenter:
         """
         volume = self._check_volume(volume_zyx_hu)
         tracked = {n: p for n, p in prompt_sets.items() if isinstance(p, TrackedPrompts)}
-        static = {n: parse_organ_boxes(p, volume.shape) for n, p in prompt_sets.items() if n not in tracked}
+        keyed = {n: p for n, p in prompt_sets.items() if isinstance(p, KeySlices)}
+        static = {n: parse_organ_boxes(keyed[n].boxes if n in keyed else p, volume.shape)
+                  for n, p in prompt_sets.items() if n not in tracked}
+        keyed = {n: KeySlices(static[n], p.step) for n, p in keyed.items()}
         all_labels = {label for p in static.values() for label in p} | {label for p in tracked.values() for label in p.boxes}
         window_of = self._windows_for(all_labels, window_for_label)
         enc0, dec0 = self.backend.encoder_calls, self.backend.decoder_calls
@@ -137,7 +148,8 @@ class Segmenter:
         # static sets first; their embeddings stay in the memo (within budget) for the tracked sets
         memo = _EmbeddingMemo(self, volume, self.memo_budget_bytes if tracked else 0)
         if static:
-            results.update(self._segment_static(volume, static, window_of, return_probabilities, encoded, memo))
+            results.update(self._segment_static(volume, static, window_of, return_probabilities, encoded, memo,
+                                                keyed, extra))
         for name, prompts in tracked.items():
             results[name] = self._segment_tracked(volume, prompts, window_of, spacing_zyx, return_probabilities,
                                                   encoded, extra, memo)
@@ -152,6 +164,7 @@ class Segmenter:
             "accelerated_decoder": self.backend.box_decoder is not None,
             "cache": self.cache,
             "prompting": "propagate" if tracked else "box",
+            "key_slice_mm": self.key_slice_mm if keyed else 0.0,
             "organs": len(all_labels),
             "slices": len(encoded),
             "prompts": sum(len(boxes) for r in results.values() for per in (r.prompts or {}).values()
@@ -171,27 +184,51 @@ class Segmenter:
 
     def _segment_static(self, volume: np.ndarray, prompt_sets: Mapping[str, Mapping[int, SliceBoxes]],
                         window_of: Mapping[int, str], return_probabilities: bool,
-                        encoded: set[int], memo: "_EmbeddingMemo") -> dict[str, SegmentationResult]:
-        """Static prompt sets: every prompted slice once, all sets' boxes decoded against one embedding."""
+                        encoded: set[int], memo: "_EmbeddingMemo", keyed: Mapping[str, KeySlices] | None = None,
+                        extra: dict[str, int] | None = None) -> dict[str, SegmentationResult]:
+        """Static prompt sets: every prompted slice once, all sets' boxes decoded against one embedding.
+        Sets in `keyed` are segmented on their key slices only and interpolated in between."""
+        keyed = dict(keyed or {})
+        prompted = {name: keyed[name].key_prompts() if name in keyed else prompts
+                    for name, prompts in prompt_sets.items()}
         plan: dict[int, list[tuple[str, int, Box2D]]] = defaultdict(list)
-        for set_name, prompts in prompt_sets.items():
+        for set_name, prompts in prompted.items():
             for label, per_slice in prompts.items():
                 for z, boxes in per_slice.items():
                     plan[z].extend((set_name, label, box) for box in boxes)
         labels = {name: np.zeros(volume.shape, dtype=np.uint8) for name in prompt_sets}
         probabilities = {name: {label: np.zeros(volume.shape, np.float32) for label in prompts}
                          for name, prompts in prompt_sets.items()} if return_probabilities else None
+        previous_key: dict[str, tuple[int, dict[int, np.ndarray]]] = {}
+        interpolated = 0
+
+        def store(set_name: str, z: int, slice_probs: Mapping[int, np.ndarray]) -> None:
+            labels[set_name][z] = self._resolve(slice_probs)
+            if probabilities is not None:
+                for label, prob in slice_probs.items():
+                    probabilities[set_name][label][z] = prob
+
         for z in tqdm(sorted(plan), desc="segment", unit="slice", disable=None if self.progress else True):
             encoded.add(z)
             per_set = self._slice_probabilities(volume[z], plan[z], window_of, z, memo)
             for set_name, slice_probs in per_set.items():
-                labels[set_name][z] = self._resolve(slice_probs)
-                if probabilities is not None:
-                    for label, prob in slice_probs.items():
-                        probabilities[set_name][label][z] = prob
+                store(set_name, z, slice_probs)
+                if set_name not in keyed:
+                    continue
+                if set_name in previous_key:  # the slices since the set's previous key slice
+                    a, probs_a = previous_key[set_name]
+                    for zz, wanted in keyed[set_name].between(a, z).items():
+                        between = interpolate_probabilities(a, probs_a, z, slice_probs, zz, wanted)
+                        if between:
+                            store(set_name, zz, between)
+                            interpolated += 1
+                previous_key[set_name] = (z, slice_probs)
+        if extra is not None and keyed:
+            extra["key_slices"] = extra.get("key_slices", 0) + len(plan)
+            extra["interpolated_slices"] = extra.get("interpolated_slices", 0) + interpolated
         return {name: SegmentationResult(labels=labels[name],
                                          probabilities=probabilities[name] if probabilities is not None else None,
-                                         prompts={label: dict(per) for label, per in prompt_sets[name].items()})
+                                         prompts={label: dict(per) for label, per in prompted[name].items()})
                 for name in prompt_sets}
 
     def _resolve(self, slice_probs: Mapping[int, np.ndarray]) -> np.ndarray:
@@ -320,7 +357,11 @@ class Segmenter:
         static = parse_organ_boxes(boxes_zyx, view.array.shape, margin)  # validates labels and boxes
         if self.prompting == "propagate":
             return TrackedPrompts(box_parts(boxes_zyx, view.array.shape, margin))
-        return static
+        return self._key_slices(static, view.spacing_zyx[0])
+
+    def _key_slices(self, static: dict[int, SliceBoxes], spacing_z_mm: float | None) -> dict[int, SliceBoxes] | KeySlices:
+        step = key_step(self.key_slice_mm, spacing_z_mm)
+        return KeySlices(static, step) if step > 1 else static
 
     def segment_nifti(self, img, organ_boxes_ijk: Mapping[int, Any], window_for_label=None,
                       return_probabilities: bool = False,
