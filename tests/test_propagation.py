@@ -208,3 +208,15 @@ def test_box_key_slices_interpolate_a_moving_organ_between_key_slices():
     assert keyed.stats["encoder_calls"] <= every.stats["encoder_calls"] / 2.5
     assert dice(keyed.labels == 1, labels == 1) > 0.9
     assert not np.array_equal(keyed.labels, every.labels)  # interpolated, not copied
+
+
+def test_pipeline_bench_configs_name_prompting_and_options():
+    from medlsam.commands.bench_pipeline import parse_config
+
+    assert parse_config("box") == ("box", {})
+    assert parse_config("box:key_slice_mm=5") == ("box", {"key_slice_mm": 5.0})
+    assert parse_config("propagate:step_mm=6,refine_start=no") == ("propagate", {"step_mm": 6.0, "refine_start": False})
+    with pytest.raises(ValueError, match="keys among"):
+        parse_config("box:foo=1")
+    with pytest.raises(ValueError):
+        parse_config("boxes")

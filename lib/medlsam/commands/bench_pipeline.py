@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--study", default=None, help="query study id in --dataset (default: its first non-support)")
     g.add_argument("--templates", type=Path, default=None, help="prebuilt templates (`medlsam templates`)")
     g.add_argument("--compare", nargs="+", default=["box", "propagate"], metavar="CONFIG",
-                   help="prompting configurations to run: box, propagate, or propagate:step_mm=0,margin_mm=4 "
+                   help="prompting configurations to run: box, propagate, propagate:step_mm=0,margin_mm=4 or "
+                   "box:key_slice_mm=5 "
                    "(default: box propagate)")
     g.add_argument("--repeats", type=int, default=1, help="segmentations per configuration (median reported)")
 
@@ -48,20 +49,24 @@ def _max_rss_mb() -> float:
     return round(rss / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
 
+SEGMENTER_OPTIONS = ("key_slice_mm",)
+
+
 def parse_config(text: str) -> tuple[str, dict]:
-    """'propagate:step_mm=6,margin_mm=4' -> ('propagate', {'step_mm': 6.0, 'margin_mm': 4.0})."""
+    """'propagate:step_mm=6,margin_mm=4' -> ('propagate', {'step_mm': 6.0, 'margin_mm': 4.0});
+    'box:key_slice_mm=5' -> ('box', {'key_slice_mm': 5.0})."""
     from medlsam.segment import PropagationSettings, check_prompting
 
     prompting, _, rest = text.partition(":")
     prompting = check_prompting(prompting)
+    allowed = (*PropagationSettings.__dataclass_fields__, *SEGMENTER_OPTIONS)
     options = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or key not in PropagationSettings.__dataclass_fields__:
-            raise ValueError(f"--compare {text!r}: expected key=value with keys among "
-                             f"{', '.join(PropagationSettings.__dataclass_fields__)}")
+        if not sep or key not in allowed:
+            raise ValueError(f"--compare {text!r}: expected key=value with keys among {', '.join(allowed)}")
         options[key] = value.lower() in ("1", "true", "yes") if key == "refine_start" else float(value)
-    PropagationSettings(**options)  # validates
+    PropagationSettings(**{k: v for k, v in options.items() if k not in SEGMENTER_OPTIONS})  # validates
     return prompting, options
 
 
@@ -145,8 +150,10 @@ def _segment(task: dict) -> dict:
         torch.set_num_threads(task["threads"])
     backend = build_backend("litemedsam", accelerate=True, threads=task.get("threads"))
     backend.encode(np.zeros((64, 64), np.float32))  # warm-up (the server keeps its backend warm)
+    options = dict(task["options"])
+    segmenter_options = {k: options.pop(k) for k in SEGMENTER_OPTIONS if k in options}
     segmenter = Segmenter(backend, in_plane_margin_mm=8.0, progress=False, prompting=task["prompting"],
-                          propagation=PropagationSettings(**task["options"]))
+                          propagation=PropagationSettings(**options), **segmenter_options)
     localization = StudyLocalization.from_json(task["localization"])
     runs = []
     for _ in range(task["repeats"]):
