@@ -220,3 +220,21 @@ def test_pipeline_bench_configs_name_prompting_and_options():
         parse_config("box:foo=1")
     with pytest.raises(ValueError):
         parse_config("boxes")
+
+
+def test_app_conf_key_slice_mm_is_checked(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "medlsam"))
+    from tasks.settings import AppSettings
+
+    def conf(**values):
+        return AppSettings.from_conf({"model_dir": str(tmp_path / "m"), **values}, str(tmp_path), str(tmp_path / "s"))
+
+    assert conf().key_slice_mm == 0.0 and conf(key_slice_mm="5").key_slice_mm == 5.0
+    for bad in ("-1", "80", "five"):
+        with pytest.raises(ValueError, match="key_slice_mm"):
+            conf(key_slice_mm=bad)
+    with pytest.raises(ValueError, match="key_slice_mm"):
+        Segmenter(BrightInBox(), key_slice_mm=-2)
