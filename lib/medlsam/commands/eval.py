@@ -42,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     method = p.add_argument_group("method")
     method.add_argument("--localization", nargs="+", choices=["medlam", "medlam_box", "manual"],
                         default=["medlam", "manual"],
-                        help="box sources to compare (default medlam manual); medlam_box: the MedLAM boxes prompted "
-                        "the paper's way (the 3D box on every slice), beside --prompting's, from one localization")
+                        help="box sources to compare (default medlam manual); medlam_box: the localizer's whole (WPL) "
+                        "boxes prompted the paper's way (the 3D box on every slice), beside --prompting's, from one localization")
     method.add_argument("--backbones", nargs="+", default=["litemedsam"],
                         help="segmentation backbones: litemedsam (default), sam_vit_b/l/h, medsam")
     method.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",

@@ -2,7 +2,8 @@
 
 For each query study every (localization, backbone) pair is segmented: "medlam" boxes come from
 the localizer and are prompted as the app prompts them (the evaluation's `prompting`),
-"medlam_box" prompts the same boxes the paper's way (the 3D box on every slice, for comparison),
+"medlam_box" prompts the same localization's whole (WPL) boxes the paper's way (the 3D box on every
+slice: the default path before key slices and fine SPL parts, for comparison),
 "manual" boxes are simulated from the ground truth (manual_boxes.py). Each
 finished study is written atomically to `<out>/studies/<study_id>.json`; a rerun skips the studies
 already there (when they were computed with the same settings).
@@ -115,12 +116,12 @@ def build_segmenter(backend, settings: EvalSettings, prompting: str | None = Non
 
 
 def medlam_prompts(localization: StudyLocalization, view: AxialView, segmenter: Segmenter, settings: EvalSettings,
-                   counted: Mapping[str, list[int]]) -> dict[int, dict[int, list]] | TrackedPrompts:
+                   counted: Mapping[str, list[int]], mode: str | None = None) -> dict[int, dict[int, list]] | TrackedPrompts:
     """The localizer's 3D boxes as the Segmenter prompts them for a user: label id -> {z: [2D boxes]},
     or `TrackedPrompts` when it propagates.
 
     The paper protocol keeps only the slices the ground truth counts."""
-    prompts = segmenter.nifti_prompts(view, localization.prompt_boxes(settings.mode))
+    prompts = segmenter.nifti_prompts(view, localization.prompt_boxes(mode or settings.mode))
     if settings.eval_slices == "paper":
         ids = {o.label_id: n for n, o in localization.organs.items()}
         labels = getattr(prompts, "boxes", prompts)
@@ -288,7 +289,8 @@ def _prompt_sets(truth: _StudyTruth, settings: EvalSettings, localizer, segmente
         timings["localize_s"] = round(time.perf_counter() - t0, 3)
         for loc in uses_medlam:  # one localization, prompted the evaluated way and/or the paper's way
             prompter = segmenter if loc == "medlam" else build_segmenter(segmenter.backend, settings, "box")
-            prompt_sets[loc] = medlam_prompts(localization, truth.view, prompter, settings, truth.counted)
+            mode = settings.mode if loc == "medlam" else "WPL"  # medlam_box: the whole box, on every slice
+            prompt_sets[loc] = medlam_prompts(localization, truth.view, prompter, settings, truth.counted, mode)
             boxes_3d[loc] = boxes
             for name, entry in entries.items():
                 organs_out[name]["localization"][loc] = dict(entry)

@@ -40,7 +40,10 @@ class RegistrationLocalizerSettings:
     # (fraction 0 for all 12 absent organs of 8 held-out generated queries), while partly scanned ones
     # keep small fractions (lung bases in an abdomen scan: 0.17)
     min_fraction_inside: float = 0.05
-    spl_interval_mm: float = 40.0
+    # SPL parts cost nothing extra here (the fused mask is split), so they are fine: on a held-out default
+    # study the per-slice prompt boxes matched the ground truth's slice boxes with mean IoU 0.28 (WPL),
+    # 0.34 (40 mm parts), 0.39 (20 mm), 0.42 (10 mm)
+    spl_interval_mm: float = 10.0
     threads: int | None = None  # SimpleITK threads (None: leave the global setting alone)
 
 
