@@ -44,3 +44,17 @@ def test_auto_is_registration_with_the_demo_weights_only(tmp_path):
     assert resolve("registration", settings(tmp_path, medlam_checkpoint="x.pt"), official) == "registration"
     assert resolve("medlam", plain, DEMO_MEDLAM) == "medlam"
     assert plain.atlas_store.parent == plain.template_store.parent
+
+
+def test_mode_auto_is_spl_for_registration_and_wpl_for_medlam(tmp_path):
+    from tasks.requests import mode_param
+
+    assert settings(tmp_path).mode == "AUTO"
+    assert mode_param(None, "AUTO", "registration") == "SPL" and mode_param(None, "AUTO", "medlam") == "WPL"
+    assert mode_param("wpl", "AUTO", "registration") == "WPL" and mode_param(" auto ", "WPL", "medlam") == "WPL"
+    assert mode_param(None, "SPL", "medlam") == "SPL"
+    with pytest.raises(HTTPException) as err:
+        mode_param("XYZ", "AUTO", "medlam")
+    assert err.value.status_code == 422 and "auto" in err.value.detail
+    with pytest.raises(ValueError, match="mode must be auto"):
+        settings(tmp_path, mode="full")

@@ -79,7 +79,7 @@ def check_request(ctx: MedLSAMContext, datastore, request: dict) -> None:
     with request_errors("batch medlsam"):
         select_images(request, datastore)
         ctx.label_map.resolve_all(organs_param(request.get("organs")))
-        mode_param(request.get("mode"), ctx.settings.mode)
+        mode_param(request.get("mode"), ctx.settings.mode, ctx.localizer_name(request))
 
 
 def default_output(ctx: MedLSAMContext) -> Path:
@@ -101,10 +101,10 @@ class MedLSAMBatchInfer(BatchInferTask):
         with request_errors("batch medlsam"):
             ids = sorted(set(self.get_images(request, datastore)))
             organs = ctx.label_map.resolve_all(organs_param(request.get("organs")))
-            mode = mode_param(request.get("mode"), ctx.settings.mode)
             seed = int_param(request, "seed", 0)
             localizer = ctx.localizer(request)
             registration = isinstance(localizer, RegistrationLocalizer)
+            mode = mode_param(request.get("mode"), ctx.settings.mode, "registration" if registration else "medlam")
             settings = {
                 "organs": organs, "mode": mode, "seed": seed,
                 **({"localizer": "registration"} if registration else {"mss": localizer.settings.mss}),

@@ -60,7 +60,7 @@ class MedLSAMContext:
         """The image, organ names (None: all with templates), mode and seed of a medlam/medlsam request."""
         image = self.load_image(self.image_path(request))
         organs = self.label_map.resolve_all(organs_param(request.get("organs")))
-        mode = mode_param(request.get("mode"), self.settings.mode)
+        mode = mode_param(request.get("mode"), self.settings.mode, self.localizer_name(request))
         return image, organs, mode, int_param(request, "seed", 0)
 
     # --- studies --------------------------------------------------------------------------------

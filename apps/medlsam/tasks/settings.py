@@ -33,7 +33,7 @@ class AppSettings:
     segmenter_checkpoint: str | None
     model_dir: Path
     max_supports: int
-    mode: str  # WPL | SPL
+    mode: str  # AUTO (SPL for registration, WPL for MedLAM) | WPL | SPL
     device: str
     accelerate: bool
     largest_component: bool
@@ -84,9 +84,9 @@ class AppSettings:
         localizer = conf.get("localizer", "auto").strip().lower()
         if localizer not in LOCALIZERS:
             raise ValueError(f"--conf localizer must be one of {', '.join(LOCALIZERS)}, got {conf['localizer']!r}")
-        mode = conf.get("mode", "WPL").upper()
-        if mode not in ("WPL", "SPL"):
-            raise ValueError(f"--conf mode must be WPL or SPL, got {mode}")
+        mode = conf.get("mode", "auto").strip().upper()
+        if mode not in ("AUTO", "WPL", "SPL"):
+            raise ValueError(f"--conf mode must be auto, WPL or SPL, got {mode}")
         return cls(
             label_map=Path(label_map) if label_map else None,
             labels=conf.get("labels") or None,
