@@ -220,6 +220,37 @@ def test_pipeline_bench_configs_name_prompting_and_options():
         parse_config("box:foo=1")
     with pytest.raises(ValueError):
         parse_config("boxes")
+    from medlsam.commands.bench_pipeline import parse_localization
+
+    assert parse_localization("box") == ("box", {}, "medlam", "WPL")
+    assert parse_localization("box:key_slice_mm=5@registration/spl") == ("box", {"key_slice_mm": 5.0}, "registration", "SPL")
+    with pytest.raises(ValueError, match="after '@'"):
+        parse_localization("box@elastix")
+
+
+@pytest.mark.slow  # ~170 LiteMedSAM encoder passes per configuration: 3-8 min on 2 cores
+def test_pipeline_bench_runs_registration_configs_side_by_side(tmp_path, capsys):
+    """`medlsam bench --pipeline` on a tiny generated dataset (6 mm slices): every-slice boxes against key
+    slices 12 mm apart, both from registration SPL boxes; one localization, per-config calls and Dice."""
+    import argparse
+    import json
+
+    from medlsam.commands import bench_pipeline
+    from medlsam.synthetic import write_sample_dataset
+
+    root = tmp_path / "data"
+    write_sample_dataset(root, n_studies=3, n_supports=2, seed=11, preset="tiny", progress=False)
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(dataset=root, study="synct_0002", templates=None, repeats=1, threads=2, seed=0, out=out,
+                              compare=["box@registration/SPL", "box:key_slice_mm=12@registration/SPL"])
+    assert bench_pipeline.run(args) == 0
+    report = json.loads(out.read_text())
+    every, keyed = (report["configs"][c] for c in args.compare)
+    assert keyed["encoder_calls"] < every["encoder_calls"]
+    assert keyed["stats"]["interpolated_slices"] > 0 and every["localize_s"] == keyed["localize_s"]
+    assert every["mean_dice_vs_truth"] > 0.3  # liver-sized organs on 96 x 96 slices
+    assert min(keyed[f"dice_vs_{args.compare[0]}"][o] for o in ("liver", "spleen")) > 0.8
+    assert "registration (SPL): localized" in capsys.readouterr().out
 
 
 def test_app_conf_key_slice_mm_is_checked(tmp_path):
