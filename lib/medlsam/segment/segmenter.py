@@ -224,7 +224,7 @@ class Segmenter:
                             interpolated += 1
                 previous_key[set_name] = (z, slice_probs)
         if extra is not None and keyed:
-            extra["key_slices"] = extra.get("key_slices", 0) + len(plan)
+            extra["key_slices"] = extra.get("key_slices", 0) + len(set().union(*(k.keys() for k in keyed.values())))
             extra["interpolated_slices"] = extra.get("interpolated_slices", 0) + interpolated
         return {name: SegmentationResult(labels=labels[name],
                                          probabilities=probabilities[name] if probabilities is not None else None,
