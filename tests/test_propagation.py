@@ -263,7 +263,7 @@ def test_app_conf_key_slice_mm_is_checked(tmp_path):
     def conf(**values):
         return AppSettings.from_conf({"model_dir": str(tmp_path / "m"), **values}, str(tmp_path), str(tmp_path / "s"))
 
-    assert conf().key_slice_mm == 0.0 and conf(key_slice_mm="5").key_slice_mm == 5.0
+    assert conf().key_slice_mm == 5.0 and conf(key_slice_mm="0").key_slice_mm == 0.0
     for bad in ("-1", "80", "five"):
         with pytest.raises(ValueError, match="key_slice_mm"):
             conf(key_slice_mm=bad)

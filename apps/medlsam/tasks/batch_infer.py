@@ -110,6 +110,7 @@ class MedLSAMBatchInfer(BatchInferTask):
                 **({"localizer": "registration"} if registration else {"mss": localizer.settings.mss}),
                 "segmenter": ctx.settings.segmenter, "segmenter_checkpoint": str(ctx.settings.segmenter_checkpoint),
                 "box_margin_mm": ctx.settings.box_margin_mm, "largest_component": ctx.settings.largest_component,
+                "prompting": ctx.settings.prompting, "key_slice_mm": ctx.settings.key_slice_mm,
                 "templates_digest": atlases_digest(localizer) if registration else templates_digest(localizer.templates),
                 "source": "/batch/infer/medlsam",
             }

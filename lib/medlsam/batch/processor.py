@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medlsam.batch.outputs import BatchOutput
 from medlsam.localization import check_mode
+from medlsam.segment.key_slices import DEFAULT_KEY_SLICE_MM
 from medlsam.pipeline import run_medlsam
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class BatchSettings:
     segmenter_checkpoint: str | None = None
     model_dir: str | None = None
     box_margin_mm: float | None = 8.0  # the app's default in-plane margin
+    key_slice_mm: float = DEFAULT_KEY_SLICE_MM  # the app's default: key slices this far apart, interpolated between
     largest_component: bool = False
     device: str = "cpu"
     accelerate: bool = True  # ONNX Runtime encoder on CPU
@@ -110,7 +112,7 @@ class StudyProcessor:
         backend = build_backend(settings.segmenter, settings.segmenter_checkpoint, device=settings.device,
                                 accelerate=settings.accelerate, model_dir=settings.model_dir, threads=settings.threads)
         segmenter = Segmenter(backend, largest_component=settings.largest_component, progress=False,
-                              in_plane_margin_mm=settings.box_margin_mm)
+                              in_plane_margin_mm=settings.box_margin_mm, key_slice_mm=settings.key_slice_mm)
         log.info("worker %d: models loaded in %.1f s", os.getpid(), time.perf_counter() - t0)
         return cls(BatchOutput(out_dir, settings.run_key()), localizer, segmenter, settings.organs, settings.mode,
                    settings.seed)

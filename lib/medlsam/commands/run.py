@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from medlsam.segment.key_slices import DEFAULT_KEY_SLICE_MM
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--segmenter-checkpoint", type=Path, default=None)
     m.add_argument("--model-dir", type=Path, default=None, help="folder with SAM/MedSAM checkpoints")
     m.add_argument("--margin-mm", type=float, default=8.0, help="in-plane box margin in mm (default 8)")
+    m.add_argument("--key-slice-mm", type=float, default=DEFAULT_KEY_SLICE_MM, metavar="MM",
+                   help="segment slices about this far apart (and each organ's end slices), interpolate between "
+                   "(default %(default)s, as the app; 0 = every slice)")
     m.add_argument("--largest-component", action="store_true")
     m.add_argument("--device", default="cpu", help="cpu or cuda")
     m.add_argument("--no-accelerate", action="store_true", help="eager PyTorch encoder instead of ONNX Runtime")
@@ -142,7 +147,7 @@ def prepare_run(args, progress: bool = True):
         templates_path=str(out / "templates.pt"), medlam_checkpoint=str(checkpoint), organs=organs, mode=args.mode,
         seed=args.seed, mss=not args.no_mss, segmenter=args.segmenter,
         segmenter_checkpoint=str(args.segmenter_checkpoint) if args.segmenter_checkpoint else None,
-        model_dir=str(args.model_dir) if args.model_dir else None, box_margin_mm=args.margin_mm,
+        model_dir=str(args.model_dir) if args.model_dir else None, box_margin_mm=args.margin_mm, key_slice_mm=args.key_slice_mm,
         largest_component=args.largest_component, device=args.device, accelerate=not args.no_accelerate,
         threads=args.threads_per_worker, templates_digest=templates_digest(templates))
     output = BatchOutput(out, settings.run_key())
