@@ -39,11 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from; default: generate 5 supports and one query (chest-abdomen-pelvis) into a temp folder")
     g.add_argument("--study", default=None, help="query study id in --dataset (default: its first non-support)")
     g.add_argument("--templates", type=Path, default=None, help="prebuilt templates (`medlsam templates`)")
-    g.add_argument("--compare", nargs="+", default=["box", "propagate"], metavar="CONFIG",
+    g.add_argument("--compare", nargs="+", default=["box@medlam/WPL", "box:key_slice_mm=5@registration/SPL"],
+                   metavar="CONFIG",
                    help="configurations to run: PROMPTING[:OPTIONS][@LOCALIZER[/MODE]], e.g. box, propagate:step_mm=0, "
                    "box:key_slice_mm=5@registration/SPL (localizer medlam or registration, mode WPL or SPL; "
-                   "default @medlam/WPL) "
-                   "(default: box propagate)")
+                   "default @medlam/WPL; options not given are off) (default: the path before the registration "
+                   "default, box@medlam/WPL, against the app's default, box:key_slice_mm=5@registration/SPL)")
     g.add_argument("--repeats", type=int, default=1, help="segmentations per configuration (median reported)")
 
 
