@@ -130,7 +130,7 @@ def main() -> int:
                                box_iou=box_iou_mm(box, mask_box(truth), study.image.affine),
                                box_iou_covered=box_iou_mm(box, mask_box(covered[query]), study.image.affine),
                                dice=dice(mask, truth), dice_covered=dice(mask, covered[query]),
-                               timings=meta.get("timings"))
+                               timings=meta.get("timings"), warnings=organ.get("warnings"))
                 else:
                     row["detail"] = meta["detail"]
                 rows.append(row)
