@@ -115,7 +115,7 @@ def test_segment_command_writes_labels_on_the_original_grid(tmp_path, fast, onnx
     truth = _write_study(tmp_path)
     out = tmp_path / "out" / "labels.nii.gz"
     code = cli_main(["segment", str(tmp_path / "ct.nii.gz"), str(tmp_path / "boxes.json"), "-o", str(out),
-                     "--margin", "0", "5", "5", "--stats", str(tmp_path / "stats.json")])
+                     "--margin", "0", "5", "5", "--key-slice-mm", "0", "--stats", str(tmp_path / "stats.json")])
     assert code == 0
     written = nib.load(out)
     assert written.shape == truth.shape and np.allclose(written.affine, truth.affine)
@@ -126,6 +126,14 @@ def test_segment_command_writes_labels_on_the_original_grid(tmp_path, fast, onnx
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["encoder_calls"] == 6 and stats["accelerated"] and set(stats["voxels"]) == {"liver", "kidney_right"}
     assert "6 slices" in capsys.readouterr().out
+    # the default (key slices 5 mm apart, as the app): fewer encoder passes, the same organs found
+    keyed = tmp_path / "out" / "keyed.nii.gz"
+    assert cli_main(["segment", str(tmp_path / "ct.nii.gz"), str(tmp_path / "boxes.json"), "-o", str(keyed),
+                     "--margin", "0", "5", "5", "--stats", str(tmp_path / "keyed.json")]) == 0
+    keyed_stats = json.loads((tmp_path / "keyed.json").read_text())
+    assert keyed_stats["encoder_calls"] < 6 and keyed_stats["interpolated_slices"] > 0
+    keyed_labels = np.asarray(nib.load(keyed).dataobj)
+    assert dice(keyed_labels == 1, gt == 1) >= 0.85 and dice(keyed_labels == 2, gt == 2) >= 0.8
 
 
 def test_segment_command_errors_are_clear(tmp_path, capsys):
