@@ -24,8 +24,8 @@ from .registration import RegistrationResult, RegistrationSettings, register
 
 logger = logging.getLogger(__name__)
 
-SIMILARITY_MARGIN_MM = 20.0
-COVERAGE_GAP_MM = 10.0  # scan beyond the supports' coverage that makes a box ending there suspect  # around an organ's box, where the warped support is compared with the query
+SIMILARITY_MARGIN_MM = 20.0  # around an organ's box, where the warped support is compared with the query
+COVERAGE_GAP_MM = 10.0  # scan beyond the supports' coverage that makes a box ending there suspect
 
 
 @dataclass
