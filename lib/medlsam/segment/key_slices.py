@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .slice_boxes import SliceBoxes, keep_slices
+from .slice_boxes import SliceBoxes, every_kth, keep_slices
 
 
 # Measured on a held-out default study with 2.5 mm slices (MedLAM boxes, deployment protocol): 5 mm
@@ -63,8 +63,7 @@ class KeySlices:
         return KeySlices(keep_slices(self.boxes, slices_for_label), self.step)
 
     def every(self, step: int) -> "KeySlices":
-        return KeySlices({label: {z: b for z, b in per.items() if z % step == 0} for label, per in self.boxes.items()},
-                         self.step)
+        return KeySlices(every_kth(self.boxes, step), self.step)
 
     def __len__(self) -> int:
         return len(self.boxes)

@@ -24,7 +24,8 @@ import numpy as np
 
 from medlsam.errors import InputError
 
-from .slice_boxes import Box2D
+from .key_slices import key_step
+from .slice_boxes import Box2D, every_kth
 
 PROMPTING = ("propagate", "box")
 # "box" until propagation measures better on held-out studies (on the tiny test study it lost:
@@ -60,9 +61,7 @@ class PropagationSettings:
 
     def step_slices(self, spacing_z_mm: float) -> int:
         """Key slices are this many slices apart (1: every slice)."""
-        if self.step_mm <= 0 or not spacing_z_mm or spacing_z_mm <= 0:
-            return 1
-        return max(1, int(round(self.step_mm / float(spacing_z_mm))))
+        return key_step(self.step_mm, spacing_z_mm)
 
     def margin_px(self, spacing_zyx: Sequence[float] | None) -> tuple[int, int]:
         if spacing_zyx is None:
@@ -134,7 +133,7 @@ def every_kth_slice(prompts, step: int):
     """Static, key-slice or tracked prompts on slices z % step == 0 only (evaluation subsampling)."""
     if hasattr(prompts, "every"):  # TrackedPrompts, KeySlices
         return prompts.every(step)
-    return {label: {z: b for z, b in per.items() if z % step == 0} for label, per in prompts.items()}
+    return every_kth(prompts, step)
 
 
 def box_parts(boxes_zyx: Mapping[int, Sequence[tuple]], shape_zyx: Sequence[int],

@@ -161,6 +161,11 @@ def keep_slices(prompts: Mapping[int, SliceBoxes], slices_for_label: Mapping[int
     return out
 
 
+def every_kth(prompts: Mapping[int, SliceBoxes], step: int) -> dict[int, SliceBoxes]:
+    """Only slices z with z % step == 0 (evaluation subsampling)."""
+    return {label: {z: b for z, b in per.items() if z % step == 0} for label, per in prompts.items()}
+
+
 def boxes_from_labels(labels_zyx: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Tight inclusive (lo_zyx, hi_zyx) box of every non-zero label in a label volume."""
     labels_zyx = np.asarray(labels_zyx)
