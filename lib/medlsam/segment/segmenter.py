@@ -101,9 +101,8 @@ class Segmenter:
         """
         volume = self._check_volume(volume_zyx_hu)
         margin = self.box_margin_zyx if box_margin_zyx is None else tuple(int(m) for m in box_margin_zyx)
-        prompts = self._prompts_for(organ_boxes, volume.shape, margin)
-        if isinstance(prompts, dict) and not any(isinstance(v, Mapping) for v in organ_boxes.values()):
-            prompts = self._key_slices(prompts, spacing_zyx[0] if spacing_zyx is not None else None)
+        prompts = self._prompts_for(organ_boxes, volume.shape, margin,
+                                    spacing_zyx[0] if spacing_zyx is not None else None)
         if slices is not None:
             keep = {int(z) for z in slices}
             labels = getattr(prompts, "boxes", prompts)
@@ -111,11 +110,15 @@ class Segmenter:
         return self.segment_prompt_sets(volume, {"": prompts}, window_for_label, return_probabilities,
                                         spacing_zyx=spacing_zyx)[""]
 
-    def _prompts_for(self, organ_boxes: Mapping[int, Any], shape, margin) -> dict[int, SliceBoxes] | TrackedPrompts:
-        """Tracked prompts for 3D boxes when propagating, else one 2D box per slice."""
+    def _prompts_for(self, organ_boxes: Mapping[int, Any], shape, margin,
+                     spacing_z_mm: float | None) -> dict[int, SliceBoxes] | KeySlices | TrackedPrompts:
+        """Per-slice 2D boxes as given; 3D boxes tracked when propagating, else one 2D box per slice (on
+        key slices when `key_slice_mm` is set)."""
         static = parse_organ_boxes(organ_boxes, shape, margin)  # validates every form
-        if self.prompting != "propagate" or any(isinstance(v, Mapping) for v in organ_boxes.values()):
+        if any(isinstance(v, Mapping) for v in organ_boxes.values()):
             return static
+        if self.prompting != "propagate":
+            return self._key_slices(static, spacing_z_mm)
         boxes = {int(label): ([value] if _is_box3d(value) else list(value)) for label, value in organ_boxes.items()}
         return TrackedPrompts(box_parts(boxes, shape, margin))
 
