@@ -104,7 +104,7 @@ class MedLSAMBatchInfer(BatchInferTask):
             seed = int_param(request, "seed", 0)
             localizer = ctx.localizer(request)
             registration = isinstance(localizer, RegistrationLocalizer)
-            mode = mode_param(request.get("mode"), ctx.settings.mode, "registration" if registration else "medlam")
+            mode = mode_param(request.get("mode"), ctx.settings.mode, ctx.localizer_name(request))
             settings = {
                 "organs": organs, "mode": mode, "seed": seed,
                 **({"localizer": "registration"} if registration else {"mss": localizer.settings.mss}),

@@ -19,6 +19,8 @@ from medlsam.segment import (
 )
 from medlsam.segment.key_slices import DEFAULT_KEY_SLICE_MM
 
+from .requests import MODES
+
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
 LOCALIZERS = ("auto", "medlam", "registration")
@@ -85,7 +87,7 @@ class AppSettings:
         if localizer not in LOCALIZERS:
             raise ValueError(f"--conf localizer must be one of {', '.join(LOCALIZERS)}, got {conf['localizer']!r}")
         mode = conf.get("mode", "auto").strip().upper()
-        if mode not in ("AUTO", "WPL", "SPL"):
+        if mode not in MODES:
             raise ValueError(f"--conf mode must be auto, WPL or SPL, got {mode}")
         return cls(
             label_map=Path(label_map) if label_map else None,
