@@ -139,13 +139,13 @@ def _build_templates(pairs, label_map, path: Path) -> None:
 
 
 def _localizer(task: dict):
-    if task["localizer"] == "registration":
-        from medlsam.registration import RegistrationLocalizer, RegistrationLocalizerSettings, SupportAtlas
+    if task["localizer"] == "registration":  # the supports prepared as the app prepares them
+        from medlsam.medlam.store import SupportStudy
+        from medlsam.registration.store import AtlasStore
 
-        settings = RegistrationLocalizerSettings()
-        atlases = [SupportAtlas.build(Path(a).name, load_nifti(a), load_nifti(b, what="label"), task["label_map"],
-                                      settings.registration) for a, b in task["supports"]]
-        return RegistrationLocalizer(atlases, settings)
+        store = AtlasStore(task["atlas_dir"], task["label_map"], max_supports=len(task["supports"]))
+        store.sync([SupportStudy(Path(a).name.split(".nii")[0], Path(a), Path(b)) for a, b in task["supports"]])
+        return store.localizer()
     from medlsam.medlam.localizer import Localizer
     from medlsam.medlam.patches import PatchEmbedder
     from medlsam.medlam.templates import TemplateSet
@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         located = {}
         for where in dict.fromkeys((c[2], c[3]) for c in configs):
-            located[where] = loc = _in_child(_localize, {**data, "localizer": where[0], "mode": where[1]})
+            located[where] = loc = _in_child(_localize, {**data, "localizer": where[0], "mode": where[1],
+                                                         "atlas_dir": str(work / "atlases")})
             n_present = sum(1 for o in loc["localization"]["organs"].values() if o["present"])
             print(f"{where[0]} ({where[1]}): localized {n_present} present organs in {loc['localize_s']:.1f} s "
                   f"(load {loc['load_s']:.1f} s, peak RSS {loc['max_rss_mb']:.0f} MB)", flush=True)
