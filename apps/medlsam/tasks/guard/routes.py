@@ -1,4 +1,4 @@
-"""The app's own versions of MONAI Label's datastore, infer, model, session and train routes.
+"""The app's own versions of MONAI Label's datastore, infer, logs, model, session and train routes.
 
 Same paths, parameters and answers as MONAI Label 0.8.5 (its clients keep working), but: ids and
 tags are checked (tasks/guard/ids.py), uploads are capped and header-checked and their temporary
@@ -46,6 +46,8 @@ SAFE_NAME = re.compile(r"[^\w.-]")
 USER = RBAC(ml_settings.MONAI_LABEL_AUTH_ROLE_USER)
 ANNOTATOR = RBAC(ml_settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
 ADMIN = RBAC(ml_settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
+MAX_LOG_LINES = 1_000_000
+MAX_LOG_REFRESH_S = 3600
 
 
 class InferOutput(str, Enum):
@@ -505,6 +507,20 @@ def build_router(app, settings, queue: WorkQueue) -> APIRouter:
             if check is not None:
                 check(model, images, params or {})
             return run(model, images, params, False)
+
+    @router.get("/logs/", tags=["Logs"], summary="Get Logs")
+    def get_logs(lines: Optional[int] = 300, html: Optional[bool] = True, text: Optional[bool] = False,
+                 refresh: Optional[int] = 0, user: User = Depends(ADMIN)):
+        from monailabel.endpoints.logs import get_logs as read_logs
+
+        with guarded("logs"):
+            # MONAI Label keeps the last `lines` lines in a deque, which overflows past a C ssize_t.
+            if lines is not None and not 0 <= lines <= MAX_LOG_LINES:
+                raise InputError(f"lines must be between 0 (the whole file) and {MAX_LOG_LINES}, got {lines}")
+            if refresh is not None and not 0 <= refresh <= MAX_LOG_REFRESH_S:
+                raise InputError(f"refresh must be between 0 and {MAX_LOG_REFRESH_S} seconds, got {refresh}")
+            log_file = os.path.join(ml_settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
+            return read_logs(log_file, lines or 0, html, text, refresh or 0)
 
     @router.get("/logs/gpu", tags=["Logs"], summary="Get GPU Info (nvidia-smi)")
     def gpu_info(user: User = Depends(ADMIN)):
