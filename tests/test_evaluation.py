@@ -342,6 +342,12 @@ def test_runner_scores_absent_organs_and_shares_encoder_passes(queries, localize
     assert liver["dsc"]["mean"] == pytest.approx(np.mean(values)) and liver["n"] == 2
     assert summary["pairs"]["manual/boxfill"]["organs"]["urinary_bladder"]["n"] == 0
     assert "| urinary_bladder | - | - |" in markdown_tables(summary)["dsc"]
+    assert "MedLAM + boxfill" in markdown_tables(summary)["dsc"]
+    # boxes from the registration localizer are labelled as such, in tables and the report's text
+    from_registration = summary | {"localizer": {"name": "registration", "supports": []}}
+    tables = markdown_tables(from_registration)
+    assert "Registration + boxfill" in tables["dsc"] and "Registration missed" in tables["iou"]
+    assert "MedLAM" not in tables["dsc"] + tables["iou"]
 
     # a localizer that finds nothing: present organs count as IoU 0 / DSC 0, absent ones as correct
     blind = Localizer(localizer.embedder, localizer.templates, LocalizerSettings(presence_threshold=2.0))
@@ -515,6 +521,9 @@ def test_command_with_the_registration_localizer(dataset, tmp_path, monkeypatch,
     assert cli.main(_eval_args(dataset, out, "--localization", "medlam", "--localizer", "registration")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["extra"]["localizer"]["name"] == "registration"
+    report = (out / "report.md").read_text()
+    assert "Registration + boxfill" in report and "Registration boxes grown by" in report
+    assert "MedLAM + boxfill" not in report
     assert sorted(p.stem for p in (out / "atlases").glob("*.npz")) == ["synct_0000", "synct_0001"]
     iou = summary["localization"]["medlam"]["mean_over_organs"]
     assert 0.3 < (iou["iou"] if isinstance(iou, dict) else iou) <= 1.0

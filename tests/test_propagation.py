@@ -215,6 +215,7 @@ def test_pipeline_bench_configs_name_prompting_and_options():
 
     assert parse_config("box") == ("box", {})
     assert parse_config("box:key_slice_mm=5") == ("box", {"key_slice_mm": 5.0})
+    assert parse_config("box:key_slice_mm=5,one_window=1") == ("box", {"key_slice_mm": 5.0, "one_window": True})
     assert parse_config("propagate:step_mm=6,refine_start=no") == ("propagate", {"step_mm": 6.0, "refine_start": False})
     with pytest.raises(ValueError, match="keys among"):
         parse_config("box:foo=1")

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compare", nargs="+", default=["box@medlam/WPL", "box:key_slice_mm=5@registration/SPL"],
                    metavar="CONFIG",
                    help="configurations to run: PROMPTING[:OPTIONS][@LOCALIZER[/MODE]], e.g. box, propagate:step_mm=0, "
-                   "box:key_slice_mm=5@registration/SPL (localizer medlam or registration, mode WPL or SPL; "
+                   "box:key_slice_mm=5@registration/SPL, box:key_slice_mm=5,one_window=1@registration/SPL "
+                   "(one_window=1: every organ in the soft-tissue window; localizer medlam or registration, mode WPL or SPL; "
                    "default @medlam/WPL; options not given are off) (default: the path before the registration "
                    "default, box@medlam/WPL, against the app's default, box:key_slice_mm=5@registration/SPL)")
     g.add_argument("--repeats", type=int, default=1, help="segmentations per configuration (median reported)")
@@ -54,6 +55,10 @@ def _max_rss_mb() -> float:
 
 
 SEGMENTER_OPTIONS = ("key_slice_mm",)
+# one_window=1: every organ in the default (soft-tissue) window, so each slice takes one encoder pass
+# (otherwise lungs and bones get their own windows and passes).
+PIPELINE_OPTIONS = ("one_window",)
+BOOLEAN_OPTIONS = ("refine_start", "one_window")
 
 
 LOCALIZERS = ("medlam", "registration")
@@ -77,14 +82,15 @@ def parse_config(text: str) -> tuple[str, dict]:
 
     prompting, _, rest = text.partition(":")
     prompting = check_prompting(prompting)
-    allowed = (*PropagationSettings.__dataclass_fields__, *SEGMENTER_OPTIONS)
+    allowed = (*PropagationSettings.__dataclass_fields__, *SEGMENTER_OPTIONS, *PIPELINE_OPTIONS)
     options = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
             raise ValueError(f"--compare {text!r}: expected key=value with keys among {', '.join(allowed)}")
-        options[key] = value.lower() in ("1", "true", "yes") if key == "refine_start" else float(value)
-    PropagationSettings(**{k: v for k, v in options.items() if k not in SEGMENTER_OPTIONS})  # validates
+        options[key] = value.lower() in ("1", "true", "yes") if key in BOOLEAN_OPTIONS else float(value)
+    PropagationSettings(**{k: v for k, v in options.items()
+                           if k not in SEGMENTER_OPTIONS + PIPELINE_OPTIONS})  # validates
     return prompting, options
 
 
@@ -182,16 +188,18 @@ def _segment(task: dict) -> dict:
     backend.encode(np.zeros((64, 64), np.float32))  # warm-up (the server keeps its backend warm)
     options = dict(task["options"])
     segmenter_options = {k: options.pop(k) for k in SEGMENTER_OPTIONS if k in options}
+    one_window = options.pop("one_window", False)
     segmenter = Segmenter(backend, in_plane_margin_mm=8.0, progress=False, prompting=task["prompting"],
                           propagation=PropagationSettings(**options), **segmenter_options)
     localization = StudyLocalization.from_json(task["localization"])
+    windows = {o.label_id: "default" for o in localization.present.values()} if one_window else None
     runs = []
     for _ in range(task["repeats"]):
         backend.reset_counters()
         t0 = time.perf_counter()
         image = load_nifti(task["image"])
         t1 = time.perf_counter()
-        result = segment_localization(image, localization, segmenter)
+        result = segment_localization(image, localization, segmenter, windows=windows)
         t2 = time.perf_counter()
         stats = result.stats
         segment_s = t2 - t1

@@ -16,14 +16,26 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from medlsam.io import atomic_path  # noqa: E402
 from medlsam.segment import DEFAULT_WINDOWS, apply_window, window_for_organ_name  # noqa: E402
 
-PAIR_LABELS = {"medlam": "MedLAM", "medlam_box": "MedLAM (box prompts)", "manual": "Manual"}
+LOCALIZER_LABELS = {"medlam": "MedLAM", "registration": "Registration"}
 _PREDICTION_CMAP = ListedColormap(["orange"])
 
 
-def pretty_pair(pair: str) -> str:
-    """'medlam/litemedsam' -> 'MedLAM + litemedsam'."""
+def localizer_label(localizer: str | None) -> str:
+    """'registration' -> 'Registration'; the label of the localizer whose boxes the `medlam` pairs hold."""
+    return LOCALIZER_LABELS.get(localizer or "medlam", str(localizer))
+
+
+def summary_localizer(summary: dict) -> str:
+    """The localizer an eval summary's boxes came from (summaries before it was recorded: MedLAM)."""
+    return (summary.get("localizer") or {}).get("name", "medlam")
+
+
+def pretty_pair(pair: str, localizer: str | None = "medlam") -> str:
+    """'medlam/litemedsam' -> 'MedLAM + litemedsam' ('Registration + ...' when registration made the boxes)."""
     loc, _, backbone = pair.partition("/")
-    return f"{PAIR_LABELS.get(loc, loc)} + {backbone}" if backbone else PAIR_LABELS.get(loc, loc)
+    found_by = localizer_label(localizer)
+    label = {"medlam": found_by, "medlam_box": f"{found_by} (box prompts)", "manual": "Manual"}.get(loc, loc)
+    return f"{label} + {backbone}" if backbone else label
 
 
 def _save(fig, path: Path) -> Path:
@@ -61,13 +73,14 @@ def summary_plots(summary: dict, out_dir: Path) -> dict[str, str]:
     """Bar charts of box IoU, DSC and HD95 per organ from a report summary; returns {name: path}."""
     out_dir = Path(out_dir)
     organs = list(summary["organs"])
+    found_by = summary_localizer(summary)
     paths = {}
 
     def series(metric: str, keys: Sequence[str], table: str) -> dict:
         out = {}
         for key in keys:
             stats = [summary[table][key]["organs"][o][metric] for o in organs]
-            out[pretty_pair(key)] = ([s["mean"] for s in stats], [s["std"] for s in stats])
+            out[pretty_pair(key, found_by)] = ([s["mean"] for s in stats], [s["std"] for s in stats])
         return out
 
     locs = list(summary["localization"])
@@ -115,7 +128,8 @@ def _crop_window(masks: Sequence[np.ndarray], boxes: Sequence[tuple], shape, pad
 
 
 def organ_overlay(path: Path, organ: str, image_slices: Mapping[int, np.ndarray],
-                  truth_slices: Mapping[int, np.ndarray], panels: Mapping[str, Mapping[int, tuple]]) -> Path:
+                  truth_slices: Mapping[int, np.ndarray], panels: Mapping[str, Mapping[int, tuple]],
+                  localizer: str | None = "medlam") -> Path:
     """Rows = slices; columns = ground truth, then each pair's prediction with its box prompt.
 
     panels: {pair: {z: (pred_mask, box or None)}}.
@@ -128,7 +142,8 @@ def organ_overlay(path: Path, organ: str, image_slices: Mapping[int, np.ndarray]
         drawn_boxes = [p[z][1] for p in panels.values() if p[z][1] is not None]
         crop = _crop_window([truth] + [p[z][0] for p in panels.values()], drawn_boxes, truth.shape)
         grey = apply_window(image_slices[z], *window)[crop]
-        columns = [("ground truth", truth, None)] + [(pretty_pair(k), v[z][0], v[z][1]) for k, v in panels.items()]
+        columns = [("ground truth", truth, None)] + [(pretty_pair(k, localizer), v[z][0], v[z][1])
+                                                  for k, v in panels.items()]
         for c, (title, mask, box) in enumerate(columns):
             ax = axes[r, c]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -156,7 +171,8 @@ def organ_overlay(path: Path, organ: str, image_slices: Mapping[int, np.ndarray]
 
 def study_overlays(out_dir: Path, view, truth_view: np.ndarray, present: Mapping[str, int],
                    counted: Mapping[str, Sequence[int]], prompt_sets: Mapping[str, Mapping[str, dict]],
-                   predictions: Mapping[str, Mapping[str, np.ndarray]], settings, n_slices: int = 3) -> list[Path]:
+                   predictions: Mapping[str, Mapping[str, np.ndarray]], settings, n_slices: int = 3,
+                   localizer: str | None = "medlam") -> list[Path]:
     """One overlay PNG per present organ of a study, on up to `n_slices` of its slices."""
     written = []
     for name, label_id in present.items():
@@ -170,5 +186,5 @@ def study_overlays(out_dir: Path, view, truth_view: np.ndarray, present: Mapping
                 panels[f"{loc}/{backbone}"] = {z: (labels[z] == label_id, boxes[z][0] if boxes.get(z) else None)
                                                for z in zs}
         written.append(organ_overlay(Path(out_dir) / f"{name}.png", name, {z: view.array[z] for z in zs},
-                                     {z: truth_view[z] == label_id for z in zs}, panels))
+                                     {z: truth_view[z] == label_id for z in zs}, panels, localizer))
     return written

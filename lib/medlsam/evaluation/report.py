@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from medlsam.evaluation.metrics import summarize
-from medlsam.evaluation.plots import pretty_pair
+from medlsam.evaluation.plots import localizer_label, pretty_pair, summary_localizer
 from medlsam.evaluation.runner import EvalSettings, pair_name
 from medlsam.io import atomic_write_bytes, atomic_write_json
 
@@ -108,12 +108,13 @@ def markdown_tables(summary: dict) -> dict[str, str]:
     """{"iou", "dsc", "hd95"} Markdown tables laid out like the paper's (organs x pairs, mean row)."""
     organs = list(summary["organs"])
     locs, pairs = summary["localization"], summary["pairs"]
+    found_by = summary_localizer(summary)
     if "medlam" in locs and "medlam_box" in locs:  # the same boxes, prompted two ways: one IoU column
         locs = {k: v for k, v in locs.items() if k != "medlam_box"}
     out = {}
     if locs:
-        header = ["Organ", "n"] + [f"{pretty_pair(l)} IoU" for l in locs] + \
-                 (["MedLAM missed"] if "medlam" in locs else [])
+        header = ["Organ", "n"] + [f"{pretty_pair(l, found_by)} IoU" for l in locs] + \
+                 ([f"{localizer_label(found_by)} missed"] if "medlam" in locs else [])
         rows = []
         for name in organs:
             row = [name, locs[next(iter(locs))]["organs"][name]["n"]]
@@ -126,7 +127,7 @@ def markdown_tables(summary: dict) -> dict[str, str]:
             mean_row.append(locs["medlam"]["totals"]["missed"])
         out["iou"] = _md_table(header, rows + [mean_row])
     for metric, scale, digits, unit in (("dsc", 100.0, 1, "%"), ("hd95", 1.0, 1, "mm")):
-        header = ["Organ"] + [f"{pretty_pair(p)} ({unit})" for p in pairs]
+        header = ["Organ"] + [f"{pretty_pair(p, found_by)} ({unit})" for p in pairs]
         rows = [[name] + [_pm(pairs[p]["organs"][name][metric], scale, digits) for p in pairs] for name in organs]
         rows.append(["**Mean**"] + [_fmt(pairs[p]["mean_over_organs"][metric], digits, scale) for p in pairs])
         out[metric] = _md_table(header, rows)
@@ -136,12 +137,14 @@ def markdown_tables(summary: dict) -> dict[str, str]:
 def markdown_report(summary: dict, figures: dict[str, str] | None = None, title: str = "MedLSAM evaluation") -> str:
     s = summary["settings"]
     tables = markdown_tables(summary)
+    found_by = summary_localizer(summary)
+    boxes_of = localizer_label(found_by)
     lines = [f"# {title}", ""]
     lines.append(
         f"{summary['n_studies']} query studies; localization {s['mode']}; "
         + ("paper protocol: boxes prompted and scores computed only on slices whose ground truth exceeds "
            if s["eval_slices"] == "paper" else
-           "deployment protocol: MedLAM boxes segmented as the app does (any slice of the box may be prompted), "
+           f"deployment protocol: {boxes_of} boxes segmented as the app does (any slice of the box may be prompted), "
            "scores over the whole volume; "
            "manual boxes on slices whose ground truth exceeds ")
         + f"gt_slice_threshold = {s['gt_slice_threshold']:g} px; manual boxes: ground truth + U{{0..{s['max_shift_px']:g}}} px "
@@ -151,9 +154,9 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
     if {"medlam", "medlam_box"} & set(s.get("localizations", ())) and s.get("box_margin_zyx"):
         z, y, x = s["box_margin_zyx"]
         in_plane = f"{s['in_plane_margin_mm']:g} mm" if s.get("in_plane_margin_mm") is not None else f"{y} x {x} px"
-        lines.append(f"MedLAM boxes grown by {z} slices along z and {in_plane} in-plane.")
+        lines.append(f"{boxes_of} boxes grown by {z} slices along z and {in_plane} in-plane.")
         if "medlam_box" in s.get("localizations", ()):
-            lines.append("MedLAM (box prompts): the same MedLAM boxes, every slice prompted with the 3D box's "
+            lines.append(f"{boxes_of} (box prompts): the same {boxes_of} boxes, every slice prompted with the 3D box's "
                          "in-plane extent (the paper's and the previous default prompting), for comparison.")
         if "medlam" not in s.get("localizations", ()):
             pass
@@ -161,11 +164,14 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
             p = s.get("propagation") or {}
             step = f"key slices about {p.get('step_mm'):g} mm apart, interpolated between" if p.get("step_mm") \
                 else "every slice"
-            lines.append("MedLAM boxes prompted by propagation: the start slice gets the box, every further slice "
+            lines.append(f"{boxes_of} boxes prompted by propagation: the start slice gets the box, every further slice "
                          f"the previous slice's mask box + {p.get('margin_mm', 0):g} mm, walks end below predicted "
                          f"IoU {p.get('min_score', 0):g}; {step}.")
         else:
-            lines.append("MedLAM boxes prompted as boxes: every slice gets the 3D box's in-plane extent.")
+            parts = "its SPL part's" if s.get("mode") == "SPL" else "the 3D box's"
+            keyed = (f" Only key slices about {s['key_slice_mm']:g} mm apart (and each organ's end slices) are "
+                     "prompted; the masks between them are interpolated." if s.get("key_slice_mm") else "")
+            lines.append(f"{boxes_of} boxes prompted as boxes: every slice gets {parts} in-plane extent.{keyed}")
     if s.get("slice_step_mm"):
         lines.append(f"Subsampled: only axial slices about {s['slice_step_mm']:g} mm apart were prompted and scored "
                      "(DSC is estimated from them; HD95 is computed on the stacked subsample, an approximation).")
@@ -180,7 +186,7 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
                   tables["iou"], ""]
         presence = (summary["localization"].get("medlam") or summary["localization"].get("medlam_box") or {}).get("totals")
         if presence:
-            lines += [f"MedLAM presence check: {presence['found']} of {presence['n']} present organs found, "
+            lines += [f"{boxes_of} presence check: {presence['found']} of {presence['n']} present organs found, "
                       f"{presence['missed']} missed; {presence['false_alarms']} false alarms, "
                       f"{presence['correctly_absent']} absent organs correctly marked absent.", ""]
     lines += ["## Segmentation: DSC (%, mean ± std)", "",
@@ -188,7 +194,7 @@ def markdown_report(summary: dict, figures: dict[str, str] | None = None, title:
               "## Segmentation: HD95 (mm, mean ± std)", "",
               "Only over organs with a non-empty prediction (HD95 is undefined otherwise); "
               "empty predictions per pair: "
-              + ", ".join(f"{pretty_pair(p)} {sum(r['empty_predictions'] for r in v['organs'].values())}"
+              + ", ".join(f"{pretty_pair(p, found_by)} {sum(r['empty_predictions'] for r in v['organs'].values())}"
                           for p, v in summary["pairs"].items()) + ".", "", tables["hd95"], ""]
     t = summary["timings"]
     lines += ["## Timings", "",
@@ -218,6 +224,7 @@ def write_csv_tables(summary: dict, results: Sequence[dict], out_dir: Path) -> d
     organs = list(summary["organs"])
     written = {}
     locs, pairs = summary["localization"], summary["pairs"]
+    found_by = summary_localizer(summary)
     if locs:
         header = ["organ", "n"]
         for loc in locs:

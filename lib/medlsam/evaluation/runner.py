@@ -350,7 +350,7 @@ def evaluate_study(study: LabeledStudy, settings: EvalSettings, backends: Mappin
         shown = {n: [z for z in zs if z % truth.step == 0] for n, zs in truth.counted.items()}
         by_name = {loc: {n: used.get(loc, {}).get(i, {}) for n, i in settings.organs.items()} for loc in prompt_sets}
         study_overlays(Path(overlay_dir) / study.study_id, truth.view, truth.truth_view, truth.present, shown, by_name,
-                       predictions, settings, overlay_slices)
+                       predictions, settings, overlay_slices, getattr(localizer, "name", "medlam"))
         timings["overlays_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
 
