@@ -291,7 +291,9 @@ def test_atlas_store_follows_the_annotated_studies(support, tmp_path):
     assert {a.study_id for a in store.selected()} == {"a", "b"}
     # a fresh store reads the saved supports and has nothing to redo; a removed study is dropped
     again = AtlasStore(tmp_path / "atlases", LABEL_MAP, FAST, max_supports=1)
+    assert again.state_key() == store.state_key()  # the same prepared supports: Next Sample keeps its scores
     report = again.sync([files["a"]])
     assert report["added"] == [] and report["removed"] == ["b"]
+    assert again.state_key() != store.state_key()
     assert not (tmp_path / "atlases" / "b.npz").exists()
     assert set(again.localizer().organs) == set(support.meta["organs_present"])

@@ -1,8 +1,8 @@
 """Active-learning strategies for Next Sample (3D Slicer, OHIF): which study to annotate next.
 
 `random` and `first` are MONAI Label's own; `last` is the mirror of `first`; `fewshot` is made for
-a template store fed by a few supports: it proposes the unlabeled study the current supports
-localize worst, i.e. the one whose annotation teaches the templates most.
+a localizer fed by a few supports: it proposes the unlabeled study the current supports localize
+worst, i.e. the one whose annotation teaches the localizer most.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ class FewShot(Strategy):
     """The unlabeled study the supports localize worst.
 
     Every unlabeled study (at most `max_candidates` per request, chosen at random among those not
-    scored yet) is localized with the current templates. Organs whose box lies mostly outside the
-    scan are not in it; the study's score is the mean MedLAM confidence (MSS feature similarity) of
-    the organs inside. The lowest score wins; a study with no template organ inside at all covers a
-    scan range no support covers, and wins first. Scores are kept until the templates change
-    (a new support, new weights)."""
+    scored yet) is localized with the server's default localizer. Organs whose box lies mostly
+    outside the scan are not in it; the study's score is the mean confidence of the organs inside
+    (MedLAM: MSS feature similarity; registration: agreement of the supports x image similarity).
+    The lowest score wins; a study with no support organ inside at all covers a scan range no
+    support covers, and wins first. Scores are kept until the localizer's supports change (a new
+    support, new weights), so a registration server never waits for MedLAM templates here."""
 
     def __init__(self, ctx: MedLSAMContext, max_candidates: int = 12):
-        super().__init__("Few-shot: the unlabeled study the current supports localize worst (lowest MedLAM "
-                         "confidence, or a scan range no support covers)")
+        super().__init__("Few-shot: the unlabeled study the current supports localize worst (lowest "
+                         "localization confidence, or a scan range no support covers)")
         self.ctx = ctx
         self.max_candidates = max_candidates
         self._scores: dict[str, dict[str, Any]] = {}
@@ -63,17 +64,23 @@ class FewShot(Strategy):
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         if not images:
             return None
-        templates = self.ctx.templates()
-        if not templates.organs:
+        if self.ctx.localizer_name() == "registration":
+            localizer = self.ctx.registration_localizer()
+            key = ("registration", self.ctx.atlases.state_key())
+            has_supports = bool(localizer.supports)
+        else:
+            templates = self.ctx.templates()
+            key = ("medlam", templates_key(templates))
+            has_supports = bool(templates.organs)
+            localizer = self.ctx.localizer({"localizer": "medlam"})
+        if not has_supports:
             return {"id": images[0], "fewshot": {"reason": "no supports yet: annotate any study (the first by id)"}}
         with self._lock:
-            key = templates_key(templates)
             if key != self._key:
                 self._scores, self._key = {}, key
             todo = [i for i in images if i not in self._scores]
             if len(todo) > self.max_candidates:
                 todo = random.Random(str(key)).sample(todo, self.max_candidates)
-            localizer = self.ctx.localizer({})
             for image_id in todo:
                 try:
                     image = self.ctx.load_image(datastore.get_image_uri(image_id))
@@ -93,11 +100,11 @@ def study_score(localization, settings: LocalizerSettings) -> dict[str, Any]:
               if (o.fraction_inside or 0) >= settings.min_fraction_inside and o.confidence is not None}
     if not inside:
         return {"score": 0.0, "organs_inside": 0,
-                "reason": "no organ with a template lies inside this scan: it covers a range no support covers"}
+                "reason": "no organ the supports hold lies inside this scan: it covers a range no support covers"}
     lowest = dict(sorted(inside.items(), key=lambda kv: kv[1])[:3])
     return {"score": round(float(sum(inside.values()) / len(inside)), 4), "organs_inside": len(inside),
             "lowest_confidence": {n: round(float(c), 4) for n, c in lowest.items()},
-            "reason": "lowest mean MedLAM confidence of the organs inside the scan"}
+            "reason": "lowest mean localization confidence of the organs inside the scan"}
 
 
 def templates_key(templates: TemplateSet) -> tuple:

@@ -73,6 +73,12 @@ class AtlasStore:
         return RegistrationLocalizer(self.selected(), self.settings, self.label_ids,
                                      organ_supports={o: [a.study_id for a in h] for o, h in per_organ.items()})
 
+    def state_key(self) -> tuple:
+        """Changes whenever a support is prepared, replaced or removed, or the preparation settings change."""
+        with self._lock:
+            prepared = tuple(sorted((sid, added) for sid, (added, _) in self._loaded().items()))
+        return repr(self.key), self.max_supports, prepared
+
     def summary(self) -> dict:
         """Organs with supports: how many and which."""
         organs = {}
