@@ -21,10 +21,10 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from medlsam.batch import BatchOutput, LocalExecutor, StudyProcessor, StudyRef, run_batch, templates_digest
 from medlsam.io import load_nifti
 from medlsam.registration import RegistrationLocalizer
+from medlsam.registration.store import atlases_digest
 
 from .context import MedLSAMContext
 from .errors import bad_request, request_errors
-from .localizers import atlases_digest
 from .requests import int_param, mode_param, organs_param
 
 logger = logging.getLogger(__name__)

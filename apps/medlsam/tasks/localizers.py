@@ -9,8 +9,6 @@ real CT, while registration measured better on both real and generated CT (READM
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,6 @@ def resolve(choice: str, settings: AppSettings, checkpoint: Path) -> str:
     if settings.medlam_configured or not _same_file(checkpoint, DEMO_MEDLAM):
         return "medlam"
     return "registration"
-
-
-def atlases_digest(localizer) -> str:
-    """A short fingerprint of a registration localizer's supports (batch runs key on it)."""
-    content = {"supports": sorted(a.study_id for a in localizer.supports),
-               "per_organ": localizer.organ_supports, "settings": repr(localizer.settings)}
-    return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _same_file(a: Path, b: Path) -> bool:

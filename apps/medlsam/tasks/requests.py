@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+from medlsam.localization import resolve_mode
+
 from .errors import bad_request
 
 
@@ -38,14 +40,6 @@ def mode_param(value: Any, default: str, localizer: str) -> str:
     if mode not in MODES:
         raise bad_request(f"mode must be 'auto', 'WPL' or 'SPL', got {value!r}")
     return resolve_mode(mode, localizer)
-
-
-def resolve_mode(mode: str, localizer: str) -> str:
-    """AUTO: SPL for registration (its part boxes are free: the fused organ mask is split along z, and
-    they follow curved organs), WPL for MedLAM (SPL costs about 4x its localization time)."""
-    if mode.upper() != "AUTO":
-        return mode.upper()
-    return "SPL" if localizer == "registration" else "WPL"
 
 
 def int_param(request: dict, key: str, default: int) -> int:

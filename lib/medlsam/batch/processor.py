@@ -1,8 +1,9 @@
 """One worker's model set and the per-study step: load, localize + segment (`run_medlsam`), write.
 
 `BatchSettings` is what a worker needs to build its models (file paths and options, picklable);
-`StudyProcessor` holds one MedLAM localizer and one segmenter for its whole life, so a worker
-loads its models once, not per study.
+`StudyProcessor` holds one localizer (MedLAM with the run's templates, or registration of the run's
+prepared supports) and one segmenter for its whole life, so a worker loads its models once, not per
+study.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from medlsam.pipeline import run_medlsam
 log = logging.getLogger(__name__)
 
 # settings that do not change a study's result (left out of the run key)
-_NOT_IN_KEY = ("device", "threads", "accelerate", "templates_path")
+_NOT_IN_KEY = ("device", "threads", "accelerate", "templates_path", "atlas_dir")
+# added with the registration localizer: left out of the key at their MedLAM defaults, so the keys of
+# earlier MedLAM runs stay valid
+_KEY_DEFAULTS = {"localizer": "medlam", "label_map": None, "max_supports": None}
 
 
 @dataclass
@@ -45,11 +49,19 @@ class BatchSettings:
     device: str = "cpu"
     accelerate: bool = True  # ONNX Runtime encoder on CPU
     threads: int | None = None  # torch / ONNX Runtime threads of each worker (None: leave as is)
-    templates_digest: str = ""  # set by `key_for`: what the templates file holds
+    templates_digest: str = ""  # what the templates file (or the prepared supports) holds
     extra: dict = field(default_factory=dict)
+    localizer: str = "medlam"  # or "registration": the supports prepared in atlas_dir, no weights
+    atlas_dir: str | None = None
+    label_map: dict | None = None  # registration: {organ: label id}
+    max_supports: int | None = None  # registration: supports kept per organ
 
     def __post_init__(self):
         self.mode = check_mode(self.mode)
+        if self.localizer not in ("medlam", "registration"):
+            raise ValueError(f"localizer must be 'medlam' or 'registration', got {self.localizer!r}")
+        if self.localizer == "registration" and not (self.atlas_dir and self.label_map):
+            raise ValueError("the registration localizer needs atlas_dir and label_map")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads per worker must be at least 1, got {self.threads}")
 
@@ -58,7 +70,8 @@ class BatchSettings:
 
     def run_key(self) -> str:
         """A fingerprint of everything that changes a study's labels: results of another key are not reused."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        data = {k: v for k, v in self.to_dict().items()
+                if k not in _NOT_IN_KEY and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,6 +98,25 @@ def limit_threads(threads: int | None) -> None:
         pass
 
 
+def load_localizer(settings: BatchSettings):
+    """The run's localizer: registration over the supports prepared in `atlas_dir`, or MedLAM with the
+    run's templates."""
+    if settings.localizer == "registration":
+        from medlsam.registration.store import AtlasStore
+
+        store = AtlasStore(settings.atlas_dir, settings.label_map, max_supports=settings.max_supports or 5)
+        if not store.selected():
+            raise ValueError(f"no prepared support in {settings.atlas_dir}: nothing to localize with")
+        return store.localizer()
+    from medlsam.medlam.localizer import Localizer, LocalizerSettings
+    from medlsam.medlam.patches import PatchEmbedder
+    from medlsam.medlam.templates import TemplateSet
+
+    embedder = PatchEmbedder.from_checkpoint(settings.medlam_checkpoint, settings.device)
+    templates = TemplateSet.load(settings.templates_path, expected_fingerprint=embedder.fingerprint)
+    return Localizer(embedder, templates, LocalizerSettings(mss=settings.mss))
+
+
 class StudyProcessor:
     """Localize and segment studies with one model set, writing each result into `output`."""
 
@@ -98,17 +130,13 @@ class StudyProcessor:
 
     @classmethod
     def from_settings(cls, settings: BatchSettings, out_dir: str | os.PathLike) -> "StudyProcessor":
-        """Load MedLAM, the run's templates and the segmenter (once per worker process)."""
-        from medlsam.medlam.localizer import Localizer, LocalizerSettings
-        from medlsam.medlam.patches import PatchEmbedder
-        from medlsam.medlam.templates import TemplateSet
+        """Load the localizer (MedLAM and the run's templates, or the prepared supports) and the
+        segmenter, once per worker process."""
         from medlsam.segment import Segmenter, build_backend
 
         limit_threads(settings.threads)
         t0 = time.perf_counter()
-        embedder = PatchEmbedder.from_checkpoint(settings.medlam_checkpoint, settings.device)
-        templates = TemplateSet.load(settings.templates_path, expected_fingerprint=embedder.fingerprint)
-        localizer = Localizer(embedder, templates, LocalizerSettings(mss=settings.mss))
+        localizer = load_localizer(settings)
         backend = build_backend(settings.segmenter, settings.segmenter_checkpoint, device=settings.device,
                                 accelerate=settings.accelerate, model_dir=settings.model_dir, threads=settings.threads)
         segmenter = Segmenter(backend, largest_component=settings.largest_component, progress=False,

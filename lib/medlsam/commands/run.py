@@ -17,13 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="segment every study of a dataset (resumable; optionally on Ray)",
-        description="Localize and segment every query study with templates from a few annotated supports. "
+        description="Localize and segment every query study with a few annotated supports (registered to each "
+        "query, or MedLAM templates). "
         "Per study: <out>/labels/<id>.nii.gz, <out>/results/<id>.json (boxes, presence, confidence, timings) "
         "and a row in <out>/summary.csv. Run it again with the same --out to resume: finished studies are "
         "skipped, failed ones tried again.",
     )
-    sup = p.add_argument_group("templates (one of)")
-    sup.add_argument("--templates", type=Path, help="template file from `medlsam templates`")
+    sup = p.add_argument_group("supports (one of)")
+    sup.add_argument("--templates", type=Path, help="MedLAM template file from `medlsam templates` (MedLAM only)")
     sup.add_argument("--support", nargs=2, action="append", default=[], metavar=("IMAGE", "LABEL"),
                      help="a support image and its label (repeat)")
     sup.add_argument("--datastore", type=Path,
@@ -43,10 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --dicomweb: only these Series Instance UIDs")
 
     m = p.add_argument_group("method (as the app's /infer/medlsam)")
-    m.add_argument("--organs", nargs="*", default=None, help="organ names (default: all with templates)")
-    m.add_argument("--mode", choices=["WPL", "SPL"], default="WPL")
+    m.add_argument("--organs", nargs="*", default=None, help="organ names (default: all the supports hold)")
+    m.add_argument("--localizer", choices=["auto", "medlam", "registration"], default="auto",
+                   help="registration of the supports to each query (no weights), or MedLAM (weights + "
+                   "templates); auto, as the app: MedLAM when --medlam, --templates or the official weights "
+                   "are given, else registration (default auto)")
+    m.add_argument("--mode", choices=["auto", "WPL", "SPL"], default="auto",
+                   help="whole boxes or SPL part boxes (auto, as the app: SPL for registration, WPL for MedLAM)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--no-mss", action="store_true", help="RDR only")
+    m.add_argument("--no-mss", action="store_true", help="MedLAM: RDR only")
     m.add_argument("--medlam", type=Path, default=None, help="MedLAM checkpoint (default: official if present, else demo)")
     m.add_argument("--segmenter", default="litemedsam", help="litemedsam, sam_vit_b/l/h or medsam")
     m.add_argument("--segmenter-checkpoint", type=Path, default=None)
@@ -109,15 +115,25 @@ def query_refs(args) -> list:
     return refs
 
 
+def choose_localizer(args) -> str:
+    """'medlam' or 'registration' for --localizer; auto as the app: MedLAM when weights other than the
+    demo ones are given (--medlam, or the official file in the model folder) or MedLAM templates
+    (--templates), else registration."""
+    from medlsam.paths import DEMO_MEDLAM, default_medlam_checkpoint
+
+    if args.localizer != "auto":
+        return args.localizer
+    if args.medlam is not None or args.templates is not None or default_medlam_checkpoint(args.model_dir) != DEMO_MEDLAM:
+        return "medlam"
+    return "registration"
+
+
 def prepare_run(args, progress: bool = True):
-    """(settings, output, refs): templates built or loaded and saved into --out, output checked."""
+    """(settings, output, refs): supports prepared (registration) or templates built or loaded (MedLAM),
+    saved into --out, output checked."""
     from medlsam.batch.outputs import BatchOutput
-    from medlsam.batch.processor import BatchSettings, templates_digest
-    from medlsam.batch.sources import datastore_supports
-    from medlsam.batch.supports import build_templates, save_templates
-    from medlsam.medlam.patches import PatchEmbedder
-    from medlsam.medlam.templates import TemplateSet
-    from medlsam.paths import default_medlam_checkpoint
+    from medlsam.batch.processor import BatchSettings
+    from medlsam.localization import resolve_mode
 
     pairs = [(Path(i), Path(l)) for i, l in args.support]
     if args.templates and pairs:
@@ -125,35 +141,86 @@ def prepare_run(args, progress: bool = True):
     refs = query_refs(args)
     if not refs:
         raise ValueError("no query studies found")
-    checkpoint = args.medlam or default_medlam_checkpoint(args.model_dir)
-    embedder = PatchEmbedder.from_checkpoint(checkpoint, args.device)
+    localizer = choose_localizer(args)
+    if localizer == "registration" and args.templates:
+        raise ValueError("--templates holds MedLAM templates; the registration localizer needs the supports "
+                         "themselves (--support or --datastore), or pass --localizer medlam")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    method = (_registration_supports if localizer == "registration" else _medlam_templates)(args, pairs, out, progress)
+    organs = args.organs or None
+    if organs:
+        unknown = [o for o in organs if o not in method["organs"]]
+        if unknown:
+            raise ValueError(f"organ(s) {unknown} have no support (organs the supports hold: "
+                             f"{', '.join(method['organs'])})")
+    settings = BatchSettings(
+        **method["settings"], organs=organs, mode=resolve_mode(args.mode, localizer),
+        seed=args.seed, mss=not args.no_mss, segmenter=args.segmenter,
+        segmenter_checkpoint=str(args.segmenter_checkpoint) if args.segmenter_checkpoint else None,
+        model_dir=str(args.model_dir) if args.model_dir else None, box_margin_mm=args.margin_mm, key_slice_mm=args.key_slice_mm,
+        largest_component=args.largest_component, device=args.device, accelerate=not args.no_accelerate,
+        threads=args.threads_per_worker)
+    output = BatchOutput(out, settings.run_key())
+    output.prepare(settings.to_dict())
+    if method.get("save"):
+        method["save"]()
+    return settings, output, refs
+
+
+def _medlam_templates(args, pairs, out: Path, progress: bool) -> dict:
+    """MedLAM's templates, from --templates or built from the supports (cached in <out>/templates.pt)."""
+    from medlsam.batch.processor import templates_digest
+    from medlsam.batch.sources import datastore_supports
+    from medlsam.batch.supports import build_templates, save_templates
+    from medlsam.medlam.patches import PatchEmbedder
+    from medlsam.medlam.templates import TemplateSet
+    from medlsam.paths import default_medlam_checkpoint
+
+    checkpoint = args.medlam or default_medlam_checkpoint(args.model_dir)
+    embedder = PatchEmbedder.from_checkpoint(checkpoint, args.device)
     key = None
     if args.templates:  # a --datastore then only gives the queries
         templates = TemplateSet.load(args.templates, expected_fingerprint=embedder.fingerprint)
     else:
         if args.datastore:
-            pairs += datastore_supports(args.datastore)
+            pairs = pairs + datastore_supports(args.datastore)
         label_map = _read_label_map(resolve_label_map(args))
         templates, key = build_templates(embedder, pairs, label_map, args.max_supports,
                                          cache=out / "templates.pt", progress=progress, organs=args.organs or None)
-    organs = args.organs or None
-    if organs:
-        unknown = [o for o in organs if o not in templates.organs]
-        if unknown:
-            raise ValueError(f"organ(s) {unknown} have no template (organs with templates: {', '.join(templates.organs)})")
-    settings = BatchSettings(
-        templates_path=str(out / "templates.pt"), medlam_checkpoint=str(checkpoint), organs=organs, mode=args.mode,
-        seed=args.seed, mss=not args.no_mss, segmenter=args.segmenter,
-        segmenter_checkpoint=str(args.segmenter_checkpoint) if args.segmenter_checkpoint else None,
-        model_dir=str(args.model_dir) if args.model_dir else None, box_margin_mm=args.margin_mm, key_slice_mm=args.key_slice_mm,
-        largest_component=args.largest_component, device=args.device, accelerate=not args.no_accelerate,
-        threads=args.threads_per_worker, templates_digest=templates_digest(templates))
-    output = BatchOutput(out, settings.run_key())
-    output.prepare(settings.to_dict())
-    save_templates(templates, out / "templates.pt", key)
-    return settings, output, refs
+    return {"organs": list(templates.organs),
+            "settings": {"templates_path": str(out / "templates.pt"), "medlam_checkpoint": str(checkpoint),
+                         "templates_digest": templates_digest(templates)},
+            "save": lambda: save_templates(templates, out / "templates.pt", key)}
+
+
+def _registration_supports(args, pairs, out: Path, progress: bool) -> dict:
+    """The supports prepared for registration in <out>/atlases (kept in step with the given supports)."""
+    from medlsam.batch.sources import datastore_supports, strip_nifti
+    from medlsam.medlam.store import SupportStudy
+    from medlsam.registration.store import AtlasStore, atlases_digest
+
+    if args.datastore:
+        pairs = pairs + datastore_supports(args.datastore)
+    if not pairs:
+        raise ValueError("no supports: give --support IMAGE LABEL pairs or a --datastore with final labels")
+    label_map = _read_label_map(resolve_label_map(args))
+    studies = [SupportStudy(strip_nifti(Path(image).name), Path(image), Path(label)) for image, label in pairs]
+    if len({s.study_id for s in studies}) != len(studies):
+        raise ValueError("two supports share a file name: give each support image its own name")
+    store = AtlasStore(out / "atlases", label_map, max_supports=args.max_supports)
+    if progress:
+        print(f"preparing {len(studies)} supports for registration in {out / 'atlases'}", flush=True)
+    report = store.sync(studies)
+    if report["failed"]:
+        log.warning("supports skipped: %s", report["failed"])
+    if not store.selected():
+        raise ValueError(f"no support could be prepared for registration: {report['failed']}")
+    localizer = store.localizer()
+    return {"organs": list(localizer.organs),
+            "settings": {"templates_path": "", "medlam_checkpoint": "", "localizer": "registration",
+                         "atlas_dir": str(out / "atlases"), "label_map": label_map,
+                         "max_supports": args.max_supports, "templates_digest": atlases_digest(localizer)}}
 
 
 def _read_label_map(path: Path) -> dict[str, int]:

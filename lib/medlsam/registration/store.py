@@ -3,6 +3,8 @@ annotated studies: what the registration localizer of a datastore works from."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -17,6 +19,13 @@ from .atlas import SupportAtlas, atlas_key
 from .localizer import RegistrationLocalizer, RegistrationLocalizerSettings
 
 logger = logging.getLogger(__name__)
+
+
+def atlases_digest(localizer: RegistrationLocalizer) -> str:
+    """A short fingerprint of a registration localizer's supports (batch runs key on it)."""
+    content = {"supports": sorted(a.study_id for a in localizer.supports),
+               "per_organ": localizer.organ_supports, "settings": repr(localizer.settings)}
+    return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _file_name(study_id: str) -> str:
