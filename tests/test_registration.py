@@ -297,3 +297,11 @@ def test_atlas_store_follows_the_annotated_studies(support, tmp_path):
     assert again.state_key() != store.state_key()
     assert not (tmp_path / "atlases" / "b.npz").exists()
     assert set(again.localizer().organs) == set(support.meta["organs_present"])
+    # batch runs key on the supports' content: a re-labelled support (other organ volumes) changes it
+    from medlsam.registration.store import atlases_digest
+
+    localizer = again.localizer()
+    before = atlases_digest(localizer)
+    assert atlases_digest(again.localizer()) == before
+    localizer.supports[0].volumes_mm3["liver"] += 5000.0
+    assert atlases_digest(localizer) != before

@@ -22,8 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def atlases_digest(localizer: RegistrationLocalizer) -> str:
-    """A short fingerprint of a registration localizer's supports (batch runs key on it)."""
+    """A short fingerprint of a registration localizer's supports (batch runs key on it); the organ
+    volumes make a re-labelled support change it too."""
     content = {"supports": sorted(a.study_id for a in localizer.supports),
+               "volumes": {a.study_id: {o: round(v, 1) for o, v in sorted(a.volumes_mm3.items())}
+                           for a in localizer.supports},
                "per_organ": localizer.organ_supports, "settings": repr(localizer.settings)}
     return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
