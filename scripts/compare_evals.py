@@ -23,8 +23,15 @@ def _column(spec: str) -> tuple[str, dict]:
     folder, _, key = where.rpartition(":")
     if not (name and folder and key):
         raise SystemExit(f"expected NAME=FOLDER:KEY, got {spec!r}")
-    return name, {"summary": json.loads((Path(folder) / "summary.json").read_text()), "key": key,
-                  "folder": Path(folder)}
+    folder = Path(folder)
+    if (folder / "summary.json").exists():
+        summary = json.loads((folder / "summary.json").read_text())
+    else:  # a run still going: its finished studies (with --common)
+        first = next(iter(sorted((folder / "studies").glob("*.json"))), None)
+        if first is None:
+            raise SystemExit(f"{folder}: neither summary.json nor studies/*.json")
+        summary = {"organs": {n: o["id"] for n, o in json.loads(first.read_text())["organs"].items()}}
+    return name, {"summary": summary, "key": key, "folder": folder}
 
 
 def _studies(col: dict) -> dict[str, dict]:
