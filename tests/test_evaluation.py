@@ -522,8 +522,9 @@ def test_command_with_the_registration_localizer(dataset, tmp_path, monkeypatch,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["extra"]["localizer"]["name"] == "registration"
     report = (out / "report.md").read_text()
-    assert "Registration + boxfill" in report and "Registration boxes grown by" in report
-    assert "MedLAM + boxfill" not in report
+    # the stand-in backend keeps the backbone's name: pairs are medlam/litemedsam
+    assert "Registration + litemedsam" in report and "Registration boxes grown by" in report
+    assert "MedLAM + litemedsam" not in report
     assert sorted(p.stem for p in (out / "atlases").glob("*.npz")) == ["synct_0000", "synct_0001"]
     iou = summary["localization"]["medlam"]["mean_over_organs"]
     assert 0.3 < (iou["iou"] if isinstance(iou, dict) else iou) <= 1.0
