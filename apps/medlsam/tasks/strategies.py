@@ -16,8 +16,10 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from medlsam.batch import templates_digest
 from medlsam.medlam.localizer import LocalizerSettings
-from medlsam.medlam.templates import TemplateSet
+from medlsam.registration import RegistrationLocalizer
+from medlsam.registration.store import atlases_digest
 
 from .context import MedLSAMContext
 
@@ -64,15 +66,11 @@ class FewShot(Strategy):
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         if not images:
             return None
-        if self.ctx.localizer_name() == "registration":
-            localizer = self.ctx.registration_localizer()
-            key = ("registration", self.ctx.atlases.state_key())
-            has_supports = bool(localizer.supports)
+        localizer = self.ctx.localizer({})  # the server's default
+        if isinstance(localizer, RegistrationLocalizer):
+            key, has_supports = ("registration", atlases_digest(localizer)), bool(localizer.supports)
         else:
-            templates = self.ctx.templates()
-            key = ("medlam", templates_key(templates))
-            has_supports = bool(templates.organs)
-            localizer = self.ctx.localizer({"localizer": "medlam"})
+            key, has_supports = ("medlam", templates_digest(localizer.templates)), bool(localizer.templates.organs)
         if not has_supports:
             return {"id": images[0], "fewshot": {"reason": "no supports yet: annotate any study (the first by id)"}}
         with self._lock:
@@ -105,10 +103,3 @@ def study_score(localization, settings: LocalizerSettings) -> dict[str, Any]:
     return {"score": round(float(sum(inside.values()) / len(inside)), 4), "organs_inside": len(inside),
             "lowest_confidence": {n: round(float(c), 4) for n, c in lowest.items()},
             "reason": "lowest mean localization confidence of the organs inside the scan"}
-
-
-def templates_key(templates: TemplateSet) -> tuple:
-    """Changes whenever the supports or the weights of the templates change."""
-    supports = tuple(sorted((organ, s.study_id, float(s.added_at))
-                            for organ, entries in templates.supports.items() for s in entries))
-    return templates.weights_fingerprint, supports

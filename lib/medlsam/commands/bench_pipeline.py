@@ -147,11 +147,11 @@ def _build_templates(pairs, label_map, path: Path) -> None:
 def _localizer(task: dict):
     if task["localizer"] == "registration":  # the supports prepared as the app prepares them
         from medlsam.medlam.store import SupportStudy
-        from medlsam.registration.store import AtlasStore
+        from medlsam.registration.store import prepared_localizer
 
-        store = AtlasStore(task["atlas_dir"], task["label_map"], max_supports=len(task["supports"]))
-        store.sync([SupportStudy(Path(a).name.split(".nii")[0], Path(a), Path(b)) for a, b in task["supports"]])
-        return store.localizer()
+        return prepared_localizer(task["atlas_dir"], task["label_map"],
+                                  [SupportStudy(Path(a).name.split(".nii")[0], Path(a), Path(b)) for a, b in task["supports"]],
+                                  len(task["supports"]))
     from medlsam.medlam.localizer import Localizer
     from medlsam.medlam.patches import PatchEmbedder
     from medlsam.medlam.templates import TemplateSet

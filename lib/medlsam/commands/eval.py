@@ -128,20 +128,6 @@ def build_templates(embedder, supports, label_map, organs, out_dir: Path, cache_
     return templates
 
 
-def registration_localizer(supports, label_map: dict[str, int], max_supports: int, folder: Path):
-    """The registration localizer over `supports`, prepared once in `folder` (kept for resumed runs)."""
-    from medlsam.medlam.store import SupportStudy
-    from medlsam.registration.store import AtlasStore
-
-    store = AtlasStore(folder, label_map, max_supports=max(1, max_supports))
-    report = store.sync([SupportStudy(s.study_id, Path(s.image), Path(s.label)) for s in supports])
-    if report["failed"]:
-        log.warning("supports skipped: %s", report["failed"])
-    if not store.selected():
-        raise ValueError("no support could be prepared for registration: nothing to localize with")
-    return store.localizer()
-
-
 def run(args: argparse.Namespace) -> int:
     from medlsam.evaluation.datasets import pair_studies, split_supports
     from medlsam.evaluation.report import markdown_tables, write_report
@@ -178,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
         if args.templates is not None:
             raise ValueError("--templates holds MedLAM templates; --localizer registration needs supports "
                              "(--supports or --support-ids)")
-        localizer = registration_localizer(supports, label_map, len(supports), args.out / "atlases")
+        from medlsam.medlam.store import SupportStudy
+        from medlsam.registration.store import prepared_localizer
+
+        localizer = prepared_localizer(args.out / "atlases", label_map,
+                                       [SupportStudy(s.study_id, Path(s.image), Path(s.label)) for s in supports],
+                                       len(supports))
         extra["localizer"] = {"name": "registration", "supports": sorted(a.study_id for a in localizer.supports)}
     elif use_medlam:
         from medlsam.medlam.localizer import Localizer

@@ -198,7 +198,7 @@ def _registration_supports(args, pairs, out: Path, progress: bool) -> dict:
     """The supports prepared for registration in <out>/atlases (kept in step with the given supports)."""
     from medlsam.batch.sources import datastore_supports, strip_nifti
     from medlsam.medlam.store import SupportStudy
-    from medlsam.registration.store import AtlasStore, atlases_digest
+    from medlsam.registration.store import atlases_digest, prepared_localizer
 
     if args.datastore:
         pairs = pairs + datastore_supports(args.datastore)
@@ -208,15 +208,9 @@ def _registration_supports(args, pairs, out: Path, progress: bool) -> dict:
     studies = [SupportStudy(strip_nifti(Path(image).name), Path(image), Path(label)) for image, label in pairs]
     if len({s.study_id for s in studies}) != len(studies):
         raise ValueError("two supports share a file name: give each support image its own name")
-    store = AtlasStore(out / "atlases", label_map, max_supports=args.max_supports)
     if progress:
         print(f"preparing {len(studies)} supports for registration in {out / 'atlases'}", flush=True)
-    report = store.sync(studies)
-    if report["failed"]:
-        log.warning("supports skipped: %s", report["failed"])
-    if not store.selected():
-        raise ValueError(f"no support could be prepared for registration: {report['failed']}")
-    localizer = store.localizer()
+    localizer = prepared_localizer(out / "atlases", label_map, studies, args.max_supports)
     return {"organs": list(localizer.organs),
             "settings": {"templates_path": "", "medlam_checkpoint": "", "localizer": "registration",
                          "atlas_dir": str(out / "atlases"), "label_map": label_map,

@@ -224,7 +224,6 @@ def write_csv_tables(summary: dict, results: Sequence[dict], out_dir: Path) -> d
     organs = list(summary["organs"])
     written = {}
     locs, pairs = summary["localization"], summary["pairs"]
-    found_by = summary_localizer(summary)
     if locs:
         header = ["organ", "n"]
         for loc in locs:

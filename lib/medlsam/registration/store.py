@@ -31,6 +31,20 @@ def atlases_digest(localizer: RegistrationLocalizer) -> str:
     return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def prepared_localizer(folder: str | Path, label_ids: dict[str, int], studies: list[SupportStudy],
+                       max_supports: int = 5) -> RegistrationLocalizer:
+    """The registration localizer over `studies`, prepared in `folder` (kept in step with them, reused
+    when started again); supports whose label is unusable are skipped with a warning."""
+    store = AtlasStore(folder, label_ids, max_supports=max(1, max_supports))
+    report = store.sync(studies)
+    if report["failed"]:
+        logger.warning("supports skipped: %s", report["failed"])
+    if not store.selected():
+        raise ValueError(f"no support could be prepared for registration ({report['failed'] or 'none given'}): "
+                         "nothing to localize with")
+    return store.localizer()
+
+
 def _file_name(study_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", study_id) + ".npz"
 
@@ -84,12 +98,6 @@ class AtlasStore:
         per_organ = self.per_organ()
         return RegistrationLocalizer(self.selected(), self.settings, self.label_ids,
                                      organ_supports={o: [a.study_id for a in h] for o, h in per_organ.items()})
-
-    def state_key(self) -> tuple:
-        """Changes whenever a support is prepared, replaced or removed, or the preparation settings change."""
-        with self._lock:
-            prepared = tuple(sorted((sid, added) for sid, (added, _) in self._loaded().items()))
-        return repr(self.key), self.max_supports, prepared
 
     def summary(self) -> dict:
         """Organs with supports: how many and which."""
